@@ -5,6 +5,6 @@ Importing ``cogumi`` is cheap: stages import torch and friends only when they ru
 
 __version__ = "0.1.0"
 
-from cogumi.stage import StageConfig, StageResult, run_stage  # noqa: E402  (light: no torch)
+from cogumi.stage import StageConfig, StageResult, run_stage
 
-__all__ = ["StageConfig", "StageResult", "run_stage", "__version__"]
+__all__ = ["StageConfig", "StageResult", "__version__", "run_stage"]

@@ -9,10 +9,10 @@ sent as they are.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Protocol, Union, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 Message = dict  # {"role": "system" | "user" | "assistant" | "tool", "content": str}
-Prompt = Union[str, list[Message]]
+Prompt = str | list[Message]
 FinishReason = Literal["stop", "length"]
 
 

@@ -141,20 +141,30 @@ def materialize_smollm2(output_dir: str | os.PathLike | None = None, *, dtype: s
     target = Path(output_dir) if output_dir else cache_dir() / f"smollm2-135m-instruct-{dtype}"
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return target
+    return gguf_to_hf(smollm2_gguf_path(), target, dtype=dtype,
+                      name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def gguf_to_hf(
+    gguf: str | os.PathLike, output_dir: str | os.PathLike, *, dtype: str = "float32",
+    name_or_path: str | None = None,
+) -> Path:
+    """Dequantize a GGUF file (an architecture transformers can read) into a checkpoint dir."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
+    gguf, target = Path(gguf), Path(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype)
     )
     # The dequantized weights are plain floats now; a GGUF quantization config would make
-    # transformers try to re-read GGUF on load.
+    # transformers refuse to save, and try to re-read GGUF on load.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    if name_or_path:
+        model.config.name_or_path = name_or_path
     _fix_special_tokens(tokenizer, gguf)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -230,4 +230,4 @@ def presets_table() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ModelConfig", "PresetConfig", "PRESETS", "REGISTRY", "get_model", "registry_table", "presets_table"]
+__all__ = ["PRESETS", "REGISTRY", "ModelConfig", "PresetConfig", "get_model", "presets_table", "registry_table"]

@@ -1,0 +1,5 @@
+import sys
+
+from cogumi.cli import main
+
+sys.exit(main())
