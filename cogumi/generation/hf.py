@@ -98,8 +98,6 @@ class TransformersGenerator:
     def _setup(self, model: Any, tokenizer: Any, *, name: str, batch_size: int, progress: bool) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        # Decoder-only models continue from the last position, so padding must go on the left.
-        tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         eos = model.generation_config.eos_token_id
@@ -148,7 +146,11 @@ class TransformersGenerator:
         import torch
         from transformers import StoppingCriteriaList
 
-        inputs = self.tokenizer.pad({"input_ids": batch_ids}, padding=True, return_tensors="pt")
+        # Decoder-only models continue from the last position, so padding goes on the left
+        # (whatever side a training tokenizer handed to from_loaded is set to).
+        inputs = self.tokenizer.pad(
+            {"input_ids": batch_ids}, padding=True, padding_side="left", return_tensors="pt"
+        )
         inputs = {key: value.to(self.model.device) for key, value in inputs.items()}
         prompt_width = inputs["input_ids"].shape[1]
         rows = len(batch_ids) * params.n

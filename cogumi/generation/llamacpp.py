@@ -51,7 +51,7 @@ class LlamaCppGenerator:
         seed: int = 0,
         verbose: bool = False,
         logprobs: bool = True,
-        progress: bool = True,
+        progress: bool = False,
     ) -> None:
         import llama_cpp
 
