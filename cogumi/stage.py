@@ -366,7 +366,7 @@ def execute(spec: StageSpec, config: StageConfig, *, force: bool = False) -> Sta
     config_hash = config.config_sha256()
     manifest = read_manifest(output_dir)
     if not force and _is_up_to_date(manifest, spec.name, config_hash, inputs):
-        log.info("%s: up to date in %s (skipped)", spec.name, output_dir)
+        log.debug("%s: up to date in %s (skipped)", spec.name, output_dir)
         return StageResult(
             counts=manifest.get("counts", {}), metrics=manifest.get("metrics", {}), stage=spec.name,
             output_dir=str(output_dir), outputs={k: v["path"] for k, v in manifest["outputs"].items()},
@@ -406,5 +406,5 @@ def execute(spec: StageSpec, config: StageConfig, *, force: bool = False) -> Sta
         "host": {"python": sys.version.split()[0], "platform": platform.platform()},
     }
     write_json(output_dir / MANIFEST, redact(manifest))
-    log.info("%s: done in %.1f s -> %s", spec.name, duration, output_dir)
+    log.debug("%s: done in %.1f s -> %s", spec.name, duration, output_dir)
     return result
