@@ -54,8 +54,15 @@ def cache_dir() -> Path:
     return path
 
 
-def _publish(tmp: Path, target: Path) -> Path:
-    """Move a finished directory into place; if another process won the race, keep theirs."""
+def save_checkpoint(model, tokenizer, target: Path) -> Path:
+    """Save model + tokenizer into ``target`` atomically: a temporary sibling, then a rename.
+
+    If another process published the same directory first, keep theirs.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     try:
         os.replace(tmp, target)
     except OSError:
@@ -109,11 +116,7 @@ def build_tiny_llama(
     model.generation_config.eos_token_id = fast.eos_token_id
     model.generation_config.pad_token_id = fast.pad_token_id
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    model.save_pretrained(tmp)
-    fast.save_pretrained(tmp)
-    return _publish(tmp, target)
+    return save_checkpoint(model, fast, target)
 
 
 def smollm2_gguf_path() -> Path:
@@ -167,11 +170,7 @@ def gguf_to_hf(
         model.config.name_or_path = name_or_path
     _fix_special_tokens(tokenizer, gguf)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    return _publish(tmp, target)
+    return save_checkpoint(model, tokenizer, target)
 
 
 def _fix_special_tokens(tokenizer, gguf: Path) -> None:
