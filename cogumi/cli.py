@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from cogumi import __version__
 from cogumi.io import DataError
-from cogumi.stage import STAGES, ConfigError, StageResult, build_config, execute, get_stage
+from cogumi.stage import STAGES, ConfigError, StageError, StageResult, build_config, execute, get_stage
 
 
 def _unwrap_optional(hint: Any) -> Any:
@@ -98,11 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     models_p.add_argument("--preset", choices=["performance", "balanced", "memory_optimized"],
                           help="Show every model under this preset.")
 
+    data_p = sub.add_parser("data", help="The data-curation stages as one group: cogumi data STAGE ...")
+    data_sub = data_p.add_subparsers(dest="data_command", metavar="STAGE", required=True)
     for name in STAGES:
         spec = get_stage(name)
-        stage_p = sub.add_parser(name, help=spec.help, description=spec.help)
-        add_config_arguments(stage_p, spec.config_cls)
-        stage_p.add_argument("--force", action="store_true", help="Run even if the output is up to date.")
+        groups = [sub, data_sub] if STAGES[name].startswith("cogumi.data.") else [sub]
+        for group in groups:
+            stage_p = group.add_parser(name, help=spec.help, description=spec.help)
+            add_config_arguments(stage_p, spec.config_cls)
+            stage_p.add_argument("--force", action="store_true", help="Run even if the output is up to date.")
+            stage_p.set_defaults(command=name)
     return parser
 
 
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "force")}
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "data_command", "verbose", "force")}
     try:
         if args.command == "run":
             from cogumi.recipe import RecipeError, bind, load_recipe, run_recipe
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(spec.config_cls, values)
         _print_result(execute(spec, config, force=args.force))
         return 0
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, StageError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

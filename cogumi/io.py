@@ -37,7 +37,7 @@ class DataError(ValueError):
         super().__init__(f"{where}: {what}{problem}")
 
 
-class _FieldError(Exception):
+class FieldError(Exception):
     def __init__(self, field_name: str, problem: str):
         super().__init__(problem)
         self.field = field_name
@@ -56,14 +56,14 @@ def _expect(row: dict, name: str, kind: type | tuple, *, required: bool, prefix:
     full = f"{prefix}{name}"
     if name not in row:
         if required:
-            raise _FieldError(full, "missing required field")
+            raise FieldError(full, "missing required field")
         return None
     value = row[name]
     # bool is an int in Python; a JSON true is never a valid number here.
     if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise _FieldError(full, f"expected {_kind_name(kind)}, got boolean")
+        raise FieldError(full, f"expected {_kind_name(kind)}, got boolean")
     if not isinstance(value, kind):
-        raise _FieldError(full, f"expected {_kind_name(kind)}, got {_type_name(value)}")
+        raise FieldError(full, f"expected {_kind_name(kind)}, got {_type_name(value)}")
     return value
 
 
@@ -79,26 +79,26 @@ def _check_metadata(row: dict) -> None:
         return
     domain = _expect(meta, "domain", str, required=False, prefix="metadata.")
     if domain is not None and domain not in DOMAINS:
-        raise _FieldError("metadata.domain", f"'{domain}' is not one of {', '.join(DOMAINS)}")
+        raise FieldError("metadata.domain", f"'{domain}' is not one of {', '.join(DOMAINS)}")
     difficulty = _expect(meta, "difficulty", str, required=False, prefix="metadata.")
     if difficulty is not None and difficulty not in DIFFICULTIES:
-        raise _FieldError(
+        raise FieldError(
             "metadata.difficulty", f"'{difficulty}' is not one of {', '.join(DIFFICULTIES)}"
         )
     for name in ("teacher", "source"):
         _expect(meta, name, str, required=False, prefix="metadata.")
     score = _expect(meta, "quality_score", (int, float), required=False, prefix="metadata.")
     if score is not None and not 0 <= score <= 10:
-        raise _FieldError("metadata.quality_score", f"{score} is outside 0..10")
+        raise FieldError("metadata.quality_score", f"{score} is outside 0..10")
     tokens = _expect(meta, "tokens", int, required=False, prefix="metadata.")
     if tokens is not None and tokens < 0:
-        raise _FieldError("metadata.tokens", f"{tokens} is negative")
+        raise FieldError("metadata.tokens", f"{tokens} is negative")
 
 
 def _check_instruction(row: dict) -> None:
     instruction = _expect(row, "instruction", str, required=True)
     if not instruction.strip():
-        raise _FieldError("instruction", "is empty")
+        raise FieldError("instruction", "is empty")
     _expect(row, "response", str, required=True)
     _expect(row, "input", str, required=False)
     _expect(row, "id", (str, int), required=False)
@@ -108,17 +108,17 @@ def _check_instruction(row: dict) -> None:
 def _check_messages(row: dict, *, need_assistant: bool = False) -> None:
     messages = _expect(row, "messages", list, required=True)
     if not messages:
-        raise _FieldError("messages", "is an empty list")
+        raise FieldError("messages", "is an empty list")
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise _FieldError(where, f"expected object, got {_type_name(message)}")
+            raise FieldError(where, f"expected object, got {_type_name(message)}")
         role = _expect(message, "role", str, required=True, prefix=f"{where}.")
         if role not in ROLES:
-            raise _FieldError(f"{where}.role", f"'{role}' is not one of {', '.join(ROLES)}")
+            raise FieldError(f"{where}.role", f"'{role}' is not one of {', '.join(ROLES)}")
         _expect(message, "content", str, required=True, prefix=f"{where}.")
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
-        raise _FieldError("messages", "has no assistant turn to train on")
+        raise FieldError("messages", "has no assistant turn to train on")
     _expect(row, "id", (str, int), required=False)
     _check_metadata(row)
 
@@ -130,12 +130,12 @@ def _check_prompt(row: dict) -> None:
     elif "instruction" in row:
         instruction = _expect(row, "instruction", str, required=True)
         if not instruction.strip():
-            raise _FieldError("instruction", "is empty")
+            raise FieldError("instruction", "is empty")
         _expect(row, "input", str, required=False)
     else:
         prompt = _expect(row, "prompt", str, required=True)
         if not prompt.strip():
-            raise _FieldError("prompt", "is empty")
+            raise FieldError("prompt", "is empty")
     _expect(row, "id", (str, int), required=False)
 
 
@@ -158,9 +158,9 @@ Schema = Literal["any", "instruction", "messages", "prompt", "sft"]
 
 
 def validate_record(row: Any, schema: str) -> None:
-    """Raise ``_FieldError`` if ``row`` does not fit ``schema``."""
+    """Raise ``FieldError`` if ``row`` does not fit ``schema``."""
     if not isinstance(row, dict):
-        raise _FieldError("<record>", f"expected a JSON object, got {_type_name(row)}")
+        raise FieldError("<record>", f"expected a JSON object, got {_type_name(row)}")
     try:
         check = SCHEMAS[schema]
     except KeyError:
@@ -182,6 +182,30 @@ def to_messages(row: dict) -> list[dict[str, str]]:
             text = f"{text}\n\n{row['input']}"
         return [{"role": "user", "content": text}]
     return [{"role": "user", "content": row["prompt"]}]
+
+
+def record_parts(row: dict) -> tuple[str, str]:
+    """``(prompt, response)`` text of a record, each part's pieces joined by blank lines.
+
+    Instruction rows: instruction (+ input) and response. Chats: the contents up to and including
+    the last user turn, and the contents after it. Prompt-only rows have an empty response.
+    """
+    if "messages" in row:
+        messages = row["messages"]
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+        prompt = [m.get("content") or "" for m in messages[: last_user + 1]]
+        response = [m.get("content") or "" for m in messages[last_user + 1 :]]
+        return "\n\n".join(prompt), "\n\n".join(response)
+    if "instruction" in row:
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        return prompt, row.get("response") or ""
+    return row.get("prompt") or "", row.get("response") or ""
+
+
+def record_text(row: dict) -> str:
+    """All the text of a record (prompt, then response), as one string."""
+    prompt, response = record_parts(row)
+    return f"{prompt}\n\n{response}" if response else prompt
 
 
 # ----------------------------------------------------------------------------- reading
@@ -249,7 +273,7 @@ def iter_jsonl(
                     else:
                         try:
                             validate_record(row, schema)
-                        except _FieldError as exc:
+                        except FieldError as exc:
                             error = DataError(path, number, exc.field, exc.problem)
                 if error is None:
                     report.records += 1

@@ -47,8 +47,16 @@ MANIFEST_VERSION = 1
 #: Where each stage lives; imported only when used so that ``import cogumi`` and the CLI stay light.
 STAGES: dict[str, str] = {
     "validate": "cogumi.data.validate:run",
+    "dedup": "cogumi.data.dedup:run",
     "materialize": "cogumi.models.materialize:run",
     "generate": "cogumi.generation.stage:run",
+    "filter-length": "cogumi.data.filters:run_length",
+    "filter-language": "cogumi.data.filters:run_language",
+    "filter-format": "cogumi.data.filters:run_format",
+    "exact-dedup": "cogumi.data.filters:run_exact_dedup",
+    "decontaminate": "cogumi.data.decontaminate:run",
+    "quality": "cogumi.data.quality:run",
+    "stats": "cogumi.data.stats:run",
 }
 
 #: Distributions whose versions every manifest records (those installed).
@@ -63,6 +71,11 @@ _SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
 class ConfigError(ValueError):
     """A config field with a wrong type or value; the message names the config and field."""
+
+
+class StageError(RuntimeError):
+    """A stage that cannot finish for a reason the user can act on (a failed request, a
+    checkpoint that does not fit); the CLI prints the message without a traceback."""
 
 
 def option(

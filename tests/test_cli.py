@@ -11,7 +11,8 @@ import pytest
 from cogumi.cli import build_parser, main
 from cogumi.stage import STAGES
 
-SUBCOMMANDS = ["run", "models", *STAGES]
+SUBCOMMANDS = ["run", "models", "data", *STAGES]
+DATA_STAGES = [name for name, target in STAGES.items() if target.startswith("cogumi.data.")]
 
 
 def test_top_level_help_lists_every_stage(capsys):
@@ -29,6 +30,22 @@ def test_every_subcommand_help_works(name, capsys):
         main([name, "--help"])
     assert exit_info.value.code == 0
     assert f"usage: cogumi {name}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", DATA_STAGES)
+def test_data_group_help_works(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", name, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: cogumi data {name}" in capsys.readouterr().out
+
+
+def test_data_group_runs_the_same_stage(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "a", "response": "b"}) + "\n")
+    assert main(["data", "validate", str(data), "-o", str(tmp_path / "out")]) == 0
+    assert main(["validate", str(data), "-o", str(tmp_path / "out")]) == 0
+    assert "skipped: up to date" in capsys.readouterr().out
 
 
 def test_stage_options_mirror_the_config_fields():

@@ -18,9 +18,20 @@ def test_demo_recipe_runs_and_resumes(tmp_path, smollm2_dir, smollm2_gguf):
     os.chdir(ROOT)  # recipe paths are relative to the repository root, as with `make demo`
     lines = []
     results = run_recipe("recipes/demo.yaml", workdir=tmp_path / "demo", echo=lines.append)
-    assert [r.stage for r in results] == ["validate", "materialize", "generate", "generate"]
+    stages = [r.stage for r in results]
+    assert stages[:8] == ["validate", "exact-dedup", "dedup", "filter-language", "filter-format",
+                          "decontaminate", "filter-length", "stats"]
+    assert stages[8:12] == ["validate", "materialize", "generate", "generate"]
     assert not any(r.skipped for r in results)
-    for result in results[2:]:
+    by_stage = {r.stage: r for r in results[:8]}
+    # Each planted problem in demo_train.jsonl is caught by the step made for it.
+    assert by_stage["exact-dedup"].counts["removed"] == 2
+    assert by_stage["dedup"].counts["removed"] == 3
+    assert by_stage["filter-language"].counts["removed"] == 2
+    assert by_stage["filter-format"].counts["removed"] == 2
+    assert by_stage["decontaminate"].counts["removed"] == 2
+    assert by_stage["filter-length"].counts["kept"] == 27
+    for result in results[10:12]:
         records = [json.loads(line) for line in open(result.outputs["completions"])]
         assert len(records) == 6
         by_id = {r["id"]: r["completions"][0] for r in records}
