@@ -8,24 +8,13 @@ import typing
 
 import pytest
 from datasketch import MinHashLSH
+from support import edit, words
 
 from cogumi.cli import main as cli
 from cogumi.data.dedup import DedupConfig
 from cogumi.data.dedup import run as dedup
 from cogumi.io import DataError
 from cogumi.stage import ConfigError, read_manifest
-
-
-def words(rng: random.Random, n: int) -> str:
-    return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
-                    for _ in range(n))
-
-
-def edit(rng: random.Random, text: str, changes: int) -> str:
-    tokens = text.split()
-    for _ in range(changes):
-        tokens[rng.randrange(len(tokens))] = words(rng, 1)
-    return " ".join(tokens)
 
 
 def row(instruction: str, response: str, **extra) -> dict:

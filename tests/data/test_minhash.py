@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 from datasketch import LeanMinHash, MinHash, MinHashLSH
+from support import edit, words
 
 from cogumi.data import minhash as mh
 
@@ -22,18 +23,6 @@ PARAGRAPHS = [
     "",
     "   ",
 ]
-
-
-def words(rng: random.Random, n: int) -> str:
-    return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
-                    for _ in range(n))
-
-
-def edit(rng: random.Random, text: str, changes: int) -> str:
-    tokens = text.split()
-    for _ in range(changes):
-        tokens[rng.randrange(len(tokens))] = words(rng, 1)
-    return " ".join(tokens)
 
 
 def datasketch_signature(text: str, ngram: int, mode: str, scheme: str, num_perm: int = 128, seed: int = 1):
