@@ -14,7 +14,15 @@ from typing import Any, Literal
 
 from cogumi import __version__
 from cogumi.io import DataError
-from cogumi.stage import STAGES, ConfigError, StageError, StageResult, build_config, execute, get_stage
+from cogumi.stage import (
+    STAGES,
+    ConfigError,
+    StageError,
+    StageResult,
+    build_config,
+    execute,
+    get_stage,
+)
 
 
 def _unwrap_optional(hint: Any) -> Any:

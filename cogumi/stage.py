@@ -57,6 +57,8 @@ STAGES: dict[str, str] = {
     "decontaminate": "cogumi.data.decontaminate:run",
     "quality": "cogumi.data.quality:run",
     "stats": "cogumi.data.stats:run",
+    "train": "cogumi.train.sft:run",
+    "merge": "cogumi.train.merge:run",
 }
 
 #: Distributions whose versions every manifest records (those installed).

@@ -22,6 +22,7 @@ def test_demo_recipe_runs_and_resumes(tmp_path, smollm2_dir, smollm2_gguf):
     assert stages[:8] == ["validate", "exact-dedup", "dedup", "filter-language", "filter-format",
                           "decontaminate", "filter-length", "stats"]
     assert stages[8:12] == ["validate", "materialize", "generate", "generate"]
+    assert stages[12:] == ["train", "merge"]
     assert not any(r.skipped for r in results)
     by_stage = {r.stage: r for r in results[:8]}
     # Each planted problem in demo_train.jsonl is caught by the step made for it.
@@ -37,6 +38,11 @@ def test_demo_recipe_runs_and_resumes(tmp_path, smollm2_dir, smollm2_gguf):
         by_id = {r["id"]: r["completions"][0] for r in records}
         assert "Paris" in by_id["capital"]["text"]
         assert all(c["completion_tokens"] > 0 and c["token_logprobs"] for c in by_id.values())
+    finetune, merged = results[12:]
+    assert finetune.counts["train_examples"] + finetune.counts["validation_examples"] == 27
+    assert finetune.counts["steps"] == 4 and finetune.metrics["eval_loss"] > 0
+    assert merged.metrics["saved_relative_diff"] < 1e-4
+    assert merged.metrics["vs_trained_4bit_top1_agreement"] > 0.9
     assert f"results in {tmp_path / 'demo'}" in lines[-1]
     again = run_recipe("recipes/demo.yaml", workdir=tmp_path / "demo", echo=lines.append)
     assert all(r.skipped for r in again)
