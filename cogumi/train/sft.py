@@ -654,6 +654,7 @@ def _train(config: TrainConfig, callbacks) -> StageResult:
     report = {"backend": backend, "device": device, "base_model": resolved, "tokenizer": setup.to_dict(),
               "train_data": train_report.to_dict(), "validation_data": val_report.to_dict(), "metrics": metrics}
     write_json(outputs["report"], report)
+    plot_loss_curve(outputs["metrics"], config.out("loss.png"))
     counts = {
         "rows": train_report.rows + val_report.rows,
         "train_examples": train_report.kept,
@@ -665,6 +666,34 @@ def _train(config: TrainConfig, callbacks) -> StageResult:
         "steps": trainer.state.global_step,
     }
     return StageResult(counts=counts, metrics={k: v for k, v in metrics.items() if v is not None})
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path) -> Path | None:
+    """Training (and validation) loss against step, from metrics.jsonl, as a PNG."""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
+    val = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r and "step" in r]
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    for points, label, style in ((train, "train", "-"), (val, "validation", "o--")):
+        if points:
+            axes.plot(*zip(*points, strict=True), style, label=label)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, png_path)
+    return png_path
 
 
 @stage("train", TrainConfig, help="QLoRA supervised fine-tuning (phase 1A): LoRA on a 4-bit base, resumable.")

@@ -52,6 +52,7 @@ def test_qlora_loss_decreases_on_a_small_set(trained):
     assert len(evals) >= 2 and evals[-1] < evals[0]
     assert result.counts["validation_examples"] > 0 and result.metrics["best_eval_loss"] == pytest.approx(min(evals))
     assert "grad_norm" in logged[0] and logged[0]["tokens_per_s"] > 0
+    assert (tmp / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_qlora_merge_reproduces_the_trained_model_and_it_stops(trained):
