@@ -64,7 +64,7 @@ PROVIDERS: dict[str, Provider] = {
     "local": Provider(None, None),
 }
 
-#: The key sent to local servers that do not check one (vLLM's documented placeholder).
+#: The key sent to local servers that do not check one (vLLM documents the value "EMPTY").
 LOCAL_PLACEHOLDER_KEY = "EMPTY"
 
 

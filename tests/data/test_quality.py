@@ -9,13 +9,12 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from support import LocalJSONServer
 
 from cogumi.data.quality import (
     RUBRIC_VERSION,
@@ -37,46 +36,26 @@ def read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-class Judge:
+class Judge(LocalJSONServer):
     """A deterministic judge on 127.0.0.1: its scores come from a ``[a/b/c/d]`` tag in the
     graded response; ``JUDGE:GARBAGE``, ``JUDGE:RANGE``, ``JUDGE:FENCED`` and ``JUDGE:FAIL``
     make it reply without scores, out of range, in a fenced block, or with HTTP 500."""
 
     def __init__(self) -> None:
-        self.requests: list[dict] = []
         self.authorizations: list[str] = []
         self.fail = True
-        judge = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                judge.requests.append(body)
-                judge.authorizations.append(self.headers.get("Authorization", ""))
-                graded = body["messages"][-1]["content"].split("### RESPONSE\n", 1)[1]
-                if "JUDGE:FAIL" in graded and judge.fail:
-                    self._send(500, {"error": {"message": "judge overloaded"}})
-                    return
-                self._send(200, {
-                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                                 "message": {"role": "assistant", "content": judge.reply(graded)}}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}})
-
-            def _send(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+    def respond(self, path: str, headers: dict[str, str], body: dict) -> tuple[int, dict]:
+        self.authorizations.append(headers.get("authorization", ""))
+        graded = body["messages"][-1]["content"].split("### RESPONSE\n", 1)[1]
+        if "JUDGE:FAIL" in graded and self.fail:
+            return 500, {"error": {"message": "judge overloaded"}}
+        return 200, {
+            "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                         "message": {"role": "assistant", "content": self.reply(graded)}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}}
 
     @staticmethod
     def reply(graded: str) -> str:
@@ -90,13 +69,6 @@ class Judge:
         a, c, o, h = tag.groups() if tag else (1, 1, 1, 1)
         return json.dumps({"accuracy": int(a), "completeness": int(c), "coherence": int(o), "helpfulness": int(h)})
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -144,7 +116,7 @@ def test_scores_threshold_metadata_and_unscored_rows(tmp_path, judge):
     report = json.loads((out / "report.json").read_text())
     assert report["score_histogram"]["7"] == 1 and report["mean_score"] == round((10 + 7 + 6 + 9) / 4, 3)
     # the rubric is what the judge was asked
-    (request,) = [r for r in judge.requests if "Capital of France?" in r["messages"][-1]["content"]]
+    (request,) = [r["body"] for r in judge.requests if "Capital of France?" in r["body"]["messages"][-1]["content"]]
     for text in ("accuracy (0-3)", "completeness (0-2)", "coherence (0-2)", "helpfulness (0-3)", "Paris. [3/2/2/3]"):
         assert text in request["messages"][-1]["content"]
     assert request["temperature"] == 0.0 and request["model"] == "judge-1"

@@ -3,18 +3,16 @@ that misbehave on purpose (errors, slowness, an echoed key)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from support import LocalJSONServer
 
 from cogumi.generation import Generator, SamplingParams, get_generator
 from cogumi.generation.openai_http import OpenAIGenerator, OpenAIRequestError
@@ -136,7 +134,7 @@ def _chat_body(*texts: str, completion_tokens: int = 2, logprobs: list | None = 
     }
 
 
-class ScriptedServer:
+class ScriptedServer(LocalJSONServer):
     """A local HTTP server that answers each POST with the next scripted (status, body, delay).
 
     The last entry repeats. It records what it received, so tests can count attempts and
@@ -145,44 +143,12 @@ class ScriptedServer:
 
     def __init__(self, script: list[tuple[int, dict, float]]) -> None:
         self.script = script
-        self.requests: list[dict] = []
-        owner = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                headers = {name.lower(): value for name, value in self.headers.items()}
-                owner.requests.append({"path": self.path, "headers": headers, "body": body})
-                status, payload, delay = owner.script[min(len(owner.requests), len(owner.script)) - 1]
-                time.sleep(delay)
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    # The client honours server-directed delays; keep the retry test fast.
-                    self.send_header("retry-after-ms", "10")
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up waiting (the timeout test)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def respond(self, path: str, headers: dict[str, str], body: dict) -> tuple[int, dict]:
+        status, payload, delay = self.script[min(len(self.requests), len(self.script)) - 1]
+        time.sleep(delay)
+        return status, payload
 
 
 @pytest.fixture
