@@ -19,6 +19,7 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/cogumi run recipes/demo.yaml
+	$(VENV)/bin/cogumi eval compare runs/demo/eval-base runs/demo/eval-finetuned
 	@echo "demo results: runs/demo (each step's manifest.json lists its outputs)"
 
 lint: $(STAMP)

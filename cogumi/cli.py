@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     models_p.add_argument("--preset", choices=["performance", "balanced", "memory_optimized"],
                           help="Show every model under this preset.")
 
+    compare_p = sub.add_parser("eval-compare", help="Two eval runs side by side (also: cogumi eval compare A B).")
+    compare_p.add_argument("a", metavar="A", help="Eval output directory (or its summary.json).")
+    compare_p.add_argument("b", metavar="B", help="Eval output directory (or its summary.json) to compare with A.")
+    compare_p.add_argument("--no-categories", action="store_true", help="Leave out the per-category rows.")
+
     data_p = sub.add_parser("data", help="The data-curation stages as one group: cogumi data STAGE ...")
     data_sub = data_p.add_subparsers(dest="data_command", metavar="STAGE", required=True)
     for name in STAGES:
@@ -119,8 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: ``cogumi eval score ...`` and ``cogumi eval compare ...`` are the ``eval-score`` and
+#: ``eval-compare`` subcommands; ``cogumi eval BENCHMARK ...`` is the ``eval`` stage itself.
+_EVAL_ACTIONS = {"score": "eval-score", "compare": "eval-compare"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "eval" and argv[1] in _EVAL_ACTIONS:
+        argv = [_EVAL_ACTIONS[argv[1]], *argv[2:]]
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
@@ -141,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             except RecipeError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
+            return 0
+        if args.command == "eval-compare":
+            from cogumi.evaluate.run import compare
+
+            print(compare(args.a, args.b, categories=not args.no_categories))
             return 0
         if args.command == "models":
             from cogumi.models.registry import presets_table, registry_table

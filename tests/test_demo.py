@@ -22,7 +22,8 @@ def test_demo_recipe_runs_and_resumes(tmp_path, smollm2_dir, smollm2_gguf):
     assert stages[:8] == ["validate", "exact-dedup", "dedup", "filter-language", "filter-format",
                           "decontaminate", "filter-length", "stats"]
     assert stages[8:12] == ["validate", "materialize", "generate", "generate"]
-    assert stages[12:] == ["train", "merge"]
+    assert stages[12:14] == ["train", "merge"]
+    assert stages[14:] == ["eval", "eval"]
     assert not any(r.skipped for r in results)
     by_stage = {r.stage: r for r in results[:8]}
     # Each planted problem in demo_train.jsonl is caught by the step made for it.
@@ -38,11 +39,17 @@ def test_demo_recipe_runs_and_resumes(tmp_path, smollm2_dir, smollm2_gguf):
         by_id = {r["id"]: r["completions"][0] for r in records}
         assert "Paris" in by_id["capital"]["text"]
         assert all(c["completion_tokens"] > 0 and c["token_logprobs"] for c in by_id.values())
-    finetune, merged = results[12:]
+    finetune, merged = results[12:14]
     assert finetune.counts["train_examples"] + finetune.counts["validation_examples"] == 27
     assert finetune.counts["steps"] == 4 and finetune.metrics["eval_loss"] > 0
     assert merged.metrics["saved_relative_diff"] < 1e-4
     assert merged.metrics["vs_trained_4bit_top1_agreement"] > 0.9
+    for evaluation in results[14:]:
+        assert evaluation.counts["examples"] == 8
+        summary = json.loads((Path(evaluation.output_dir) / "summary.json").read_text())
+        assert set(summary["benchmarks"]) == {"gsm8k", "humaneval"} and summary["sandbox"]
+        records = [json.loads(line) for line in open(evaluation.outputs["predictions"])]
+        assert all(r["output"] and r["confidence"] for r in records)
     assert f"results in {tmp_path / 'demo'}" in lines[-1]
     again = run_recipe("recipes/demo.yaml", workdir=tmp_path / "demo", echo=lines.append)
     assert all(r.skipped for r in again)
