@@ -52,11 +52,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is Literal:
             kwargs["choices"] = list(typing.get_args(hint))
-        elif origin in (list, tuple):
+        elif origin in (list, tuple) or hint in (list, tuple):
             item = typing.get_args(hint)[0] if typing.get_args(hint) else str
             kwargs["nargs"] = "+"
             kwargs["type"] = item if item in (int, float, str) else str
-        elif origin is dict:
+        elif origin is dict or hint is dict:
             kwargs["type"] = json.loads
             kwargs["metavar"] = "JSON"
         elif hint in (int, float, str):

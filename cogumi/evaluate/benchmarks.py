@@ -201,7 +201,7 @@ class GSM8K(Benchmark):
 class BBH(Benchmark):
     name = "bbh"
     kind: Kind = "generate"
-    SUBTASKS = [
+    SUBTASKS = (
         "boolean_expressions", "causal_judgement", "date_understanding", "disambiguation_qa", "dyck_languages",
         "formal_fallacies", "geometric_shapes", "hyperbaton", "logical_deduction_five_objects",
         "logical_deduction_seven_objects", "logical_deduction_three_objects", "movie_recommendation",
@@ -210,8 +210,8 @@ class BBH(Benchmark):
         "sports_understanding", "temporal_sequences", "tracking_shuffled_objects_five_objects",
         "tracking_shuffled_objects_seven_objects", "tracking_shuffled_objects_three_objects", "web_of_lies",
         "word_sorting",
-    ]
-    hub = ("lukaemon/bbh", SUBTASKS, "test")
+    )
+    hub = ("lukaemon/bbh", list(SUBTASKS), "test")
     required = ("input", "target")
     max_tokens = 384
 
@@ -281,7 +281,7 @@ class MMLU(ChoiceBenchmark):
         subject = str(row.get("subject") or "mmlu")
         nice = subject.replace("_", " ")
         context = (f"The following is a multiple choice question about {nice}.\n\n{row['question'].strip()}\n"
-                   + "\n".join(f"{l}. {c}" for l, c in zip(parsing.letters(len(choices)), choices)) + "\nAnswer:")
+                   + "\n".join(f"{letter}. {text}" for letter, text in zip(parsing.letters(len(choices)), choices)) + "\nAnswer:")
         return Example(id=str(index), question=row["question"].strip(), reference=parsing.letters(len(choices))[gold],
                        category=subject, choices=choices, context=context,
                        continuations=[f" {letter}" for letter in parsing.letters(len(choices))])

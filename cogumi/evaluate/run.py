@@ -31,8 +31,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cogumi.evaluate.benchmarks import BENCHMARKS, Benchmark, Example, get_benchmark, prompt_for, read_rows
-from cogumi.evaluate.metrics import auroc, expected_calibration_error, mean, pass_at_k, reliability_plot
+from cogumi.evaluate.benchmarks import (
+    BENCHMARKS,
+    Benchmark,
+    Example,
+    get_benchmark,
+    prompt_for,
+    read_rows,
+)
+from cogumi.evaluate.metrics import (
+    auroc,
+    expected_calibration_error,
+    mean,
+    pass_at_k,
+    reliability_plot,
+)
 from cogumi.io import AtomicWriter, DataError, write_json
 from cogumi.stage import ConfigError, StageConfig, StageResult, option, stage
 
