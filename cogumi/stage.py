@@ -56,9 +56,12 @@ STAGES: dict[str, str] = {
     "exact-dedup": "cogumi.data.filters:run_exact_dedup",
     "decontaminate": "cogumi.data.decontaminate:run",
     "quality": "cogumi.data.quality:run",
+    "judge": "cogumi.evaluate.judge:run",
     "stats": "cogumi.data.stats:run",
     "train": "cogumi.train.sft:run",
     "merge": "cogumi.train.merge:run",
+    "eval": "cogumi.evaluate.run:run",
+    "eval-score": "cogumi.evaluate.run:run_score",
 }
 
 #: Distributions whose versions every manifest records (those installed).

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cogumi.data.filters import batched, count_lines, numbered_rows, removal
+from cogumi.generation.cache import JSONLCache, cache_key
 from cogumi.io import AtomicWriter, OnError, ReadReport, record_parts, write_json
 from cogumi.stage import ConfigError, StageConfig, StageError, StageResult, option, stage
 
@@ -143,39 +143,13 @@ def total(scores: dict[str, float | int]) -> float | int:
     return int(value) if float(value).is_integer() else round(float(value), 2)
 
 
-class ScoreCache:
+class ScoreCache(JSONLCache):
     """Judge replies by key, in an append-only JSONL file (a torn last line is ignored)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.entries: dict[str, dict] = {}
-        if self.path.is_file():
-            with self.path.open(encoding="utf-8") as handle:
-                for line in handle:
-                    try:
-                        entry = json.loads(line)
-                        self.entries[entry["key"]] = entry
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue  # a line cut off by a crash
 
     @staticmethod
     def key(judge: str, settings: str, text_sha256: str) -> str:
         """The cache key of one row's judgement: judge, rubric version, request settings, text."""
-        return hashlib.sha256(f"{judge}\x1f{RUBRIC_VERSION}\x1f{settings}\x1f{text_sha256}".encode()).hexdigest()
-
-    def get(self, key: str) -> dict | None:
-        return self.entries.get(key)
-
-    def add(self, entries: list[dict]) -> None:
-        if not entries:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            for entry in entries:
-                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-                self.entries[entry["key"]] = entry
-            handle.flush()
-            os.fsync(handle.fileno())
+        return cache_key(judge, RUBRIC_VERSION, settings, text_sha256)
 
 
 class JudgeRequestError(StageError):
@@ -201,7 +175,7 @@ class QualityConfig(StageConfig):
                             "each before judging (0: no limit).")
     max_tokens: int = option(128, help="Most tokens the judge may reply with.")
     temperature: float = option(0.0, help="Judge sampling temperature (0: greedy, reproducible).")
-    extra_body: dict = option(
+    extra_body: dict[str, Any] = option(
         default_factory=dict, help="Extra request fields (JSON), e.g. {\"response_format\": {\"type\": "
         "\"json_object\"}} to force JSON on servers that support it.")
     on_error: OnError = option("raise", help="Malformed lines: 'raise' stops with file:line:field; 'skip' "

@@ -4,11 +4,7 @@ that misbehave on purpose (errors, slowness, an echoed key)."""
 from __future__ import annotations
 
 import logging
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 
 import pytest
@@ -21,49 +17,6 @@ CAPITAL = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "What is the capital of France?"},
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def llama_server(smollm2_gguf, tmp_path_factory) -> str:
-    """``python -m llama_cpp.server`` on SmolLM2; yields its base URL."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
-    command = [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf),
-        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-    ]
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                log_tail = log_path.read_text()[-3000:]
-                pytest.fail(f"llama_cpp.server exited with {process.returncode}:\n{log_tail}")
-            try:
-                with urllib.request.urlopen(f"{base_url}/models", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama_cpp.server did not answer in time:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
