@@ -164,3 +164,18 @@ def test_loglik_picks_the_right_capital_with_smollm2(smollm2_dir):
     context = "Question: What is the capital of France?\nAnswer:"
     scores = loglikelihoods(model, tokenizer, [(context, f" {c}") for c in ("Berlin", "Madrid", "Paris", "Rome")])
     assert max(range(4), key=lambda i: scores[i].logprob) == 2
+
+
+def test_hub_loading_goes_through_datasets(tmp_path, monkeypatch):
+    # The hub path is datasets.load_dataset(id, subset, split); a local dataset folder takes the
+    # hub id's place here (no network), so the real datasets code runs.
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    (folder / "test.jsonl").write_text((DATA / "gsm8k.jsonl").read_text())
+    bench = get_benchmark("gsm8k")
+    monkeypatch.setattr(bench, "hub", (str(folder), [None], "test"))
+    examples = bench.load()
+    assert [(e.id, e.reference) for e in examples] == [("0", "7"), ("1", "36"), ("2", "1250")]
+    monkeypatch.setattr(bench, "hub", (str(tmp_path / "absent"), [None], "test"))
+    with pytest.raises(DataError, match="Pass a local copy with --data"):
+        bench.load()
