@@ -57,6 +57,8 @@ CRITERION_NAMES = tuple(name for name, _ in CRITERIA)
 LOW, HIGH = 1, 10
 #: Bumped whenever the judge prompt or the retry turn changes: it is part of every verdict key.
 JUDGE_PROMPT_VERSION = "pairwise-v1"
+#: Written in every verdicts.jsonl row; readers (failure extraction) check it.
+VERDICTS_SCHEMA = "cogumi.verdicts/1"
 
 SYSTEM_PROMPT = ("You are an impartial judge of answers to questions. "
                  "You reply with a JSON object and nothing else.")
@@ -713,7 +715,7 @@ def run(config: JudgeConfig) -> StageResult:
                     position_b += preferred == "loss"
                 order_records.append(record)
             valid = [r for r in order_records if r["valid"]]
-            row: dict[str, Any] = {"id": e.id, "category": e.category, "prompt": e.question,
+            row: dict[str, Any] = {"schema": VERDICTS_SCHEMA, "id": e.id, "category": e.category, "prompt": e.question,
                                    "candidate": e.candidate, "reference": e.reference,
                                    "reference_source": e.reference_source, "orders": order_records,
                                    "orders_valid": len(valid)}
@@ -783,6 +785,6 @@ def run(config: JudgeConfig) -> StageResult:
     return StageResult(counts=counts, metrics=metrics)
 
 
-__all__ = ["CRITERIA", "JUDGE_PROMPT_VERSION", "JudgeConfig", "JudgeRequestError", "VerdictError",
+__all__ = ["CRITERIA", "JUDGE_PROMPT_VERSION", "VERDICTS_SCHEMA", "JudgeConfig", "JudgeRequestError", "VerdictError",
            "judge_messages", "mean_rating", "outcome", "parse_verdict", "read_answers", "read_prompts",
            "retry_turns", "run"]

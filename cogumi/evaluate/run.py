@@ -50,6 +50,8 @@ from cogumi.io import AtomicWriter, DataError, write_json
 from cogumi.stage import ConfigError, StageConfig, StageResult, option, stage
 
 Backend = Literal["transformers", "llamacpp", "openai", "vllm"]
+PREDICTIONS_SCHEMA = "cogumi.predictions/1"
+"""Written in every predictions.jsonl row; readers (failure extraction) check it."""
 CONFIDENCE_MEASURES = ("neg_nll", "mean_logprob", "min_prob")
 """Higher = more confident: minus the sequence NLL, the mean token log-probability, the
 smallest token probability."""
@@ -228,7 +230,8 @@ def score_examples(bench: Benchmark, examples: list[Example], outputs: dict[str,
             code_results.setdefault(example_id, {})[sample] = result
 
     for example in examples:
-        record: dict[str, Any] = {"benchmark": bench.name, "id": example.id, "category": example.category,
+        record: dict[str, Any] = {"schema": PREDICTIONS_SCHEMA, "benchmark": bench.name, "id": example.id,
+                                  "category": example.category,
                                   "prompt": (prompts or {}).get(example.id, example.question),
                                   "reference": example.reference}
         produced = outputs.get(example.id)
@@ -666,5 +669,5 @@ def compare(a: str | Path, b: str | Path, *, categories: bool = True) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EvalConfig", "Outputs", "ScoreConfig", "compare", "confidence_of", "read_predictions", "run", "run_score",
+__all__ = ["PREDICTIONS_SCHEMA", "EvalConfig", "Outputs", "ScoreConfig", "compare", "confidence_of", "read_predictions", "run", "run_score",
            "score_examples", "summarize", "uncertainty"]
