@@ -55,7 +55,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
         elif origin in (list, tuple) or hint in (list, tuple):
             item = typing.get_args(hint)[0] if typing.get_args(hint) else str
             kwargs["nargs"] = "+"
-            kwargs["type"] = item if item in (int, float, str) else str
+            kwargs["type"] = item if item in (int, float, str) else json.loads if item is dict or \
+                typing.get_origin(item) is dict else str
         elif origin is dict or hint is dict:
             kwargs["type"] = json.loads
             kwargs["metavar"] = "JSON"
@@ -113,9 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     data_p = sub.add_parser("data", help="The data-curation stages as one group: cogumi data STAGE ...")
     data_sub = data_p.add_subparsers(dest="data_command", metavar="STAGE", required=True)
+    distill_p = sub.add_parser("distill", help="Phase 1B.2/1C stages as one group: cogumi distill STAGE ... "
+                               "(failures, cluster-failures, self-consistency, cascade)")
+    distill_sub = distill_p.add_subparsers(dest="distill_command", metavar="STAGE", required=True)
     for name in STAGES:
         spec = get_stage(name)
-        groups = [sub, data_sub] if STAGES[name].startswith("cogumi.data.") else [sub]
+        groups = [sub]
+        if STAGES[name].startswith("cogumi.data."):
+            groups.append(data_sub)
+        if STAGES[name].startswith("cogumi.distill."):
+            groups.append(distill_sub)
         for group in groups:
             stage_p = group.add_parser(name, help=spec.help, description=spec.help)
             add_config_arguments(stage_p, spec.config_cls)
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "data_command", "verbose", "force")}
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "data_command", "distill_command", "verbose", "force")}
     try:
         if args.command == "run":
             from cogumi.recipe import RecipeError, bind, load_recipe, run_recipe

@@ -362,6 +362,44 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
     writer.close()
 
 
+class PartialRecords:
+    """Records a long stage has finished so far, appended as they come, so a killed run resumes.
+
+    Entries are keyed by ``entry["key"]``. They are kept only when the next run has the same
+    config hash (a stamp file next to ``path``); a torn last line (the one being written at the
+    kill) is dropped. ``remove()`` when the stage's real outputs are written.
+    """
+
+    def __init__(self, path: str | os.PathLike, config_hash: str) -> None:
+        self.path = Path(path)
+        self.stamp = self.path.with_name(self.path.name.removesuffix(".jsonl") + ".config")
+        self.done: dict[str, dict] = {}
+        if self.path.exists() and self.stamp.exists() and self.stamp.read_text().strip() == config_hash:
+            with self.path.open(encoding="utf-8") as handle:
+                for line in handle:
+                    try:
+                        entry = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # the line being written when the run was killed
+                    self.done[entry["key"]] = entry
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with AtomicWriter(self.path) as handle:  # rewrite without a torn line
+            for entry in self.done.values():
+                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self.stamp.write_text(config_hash)
+
+    def add(self, entries: list[dict]) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            for entry in entries:
+                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                self.done[entry["key"]] = entry
+            handle.flush()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.stamp.unlink(missing_ok=True)
+
+
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     """Write rows atomically as JSONL; returns how many were written."""
     count = 0

@@ -62,6 +62,8 @@ STAGES: dict[str, str] = {
     "merge": "cogumi.train.merge:run",
     "eval": "cogumi.evaluate.run:run",
     "eval-score": "cogumi.evaluate.run:run_score",
+    "self-consistency": "cogumi.distill.self_consistency:run",
+    "cascade": "cogumi.distill.cascade:run",
 }
 
 #: Distributions whose versions every manifest records (those installed).

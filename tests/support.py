@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 
 def words(rng: random.Random, n: int) -> str:
@@ -71,3 +73,32 @@ class LocalJSONServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class ScriptedTeacher(LocalJSONServer):
+    """An OpenAI-compatible teacher that answers each chat prompt with the first ``n`` of
+    ``script[prompt]`` (cycled), fails with HTTP 500 for prompts in ``fail``, and reports
+    ``usage`` = (prompt tokens, completion tokens per sample)."""
+
+    def __init__(self, script: dict[str, list[str]], *, fail: set[str] = frozenset(), usage: tuple[int, int] = (10, 5)):
+        self.script = script
+        self.fail = fail
+        self.usage = usage
+        super().__init__()
+
+    def respond(self, path, headers, body):
+        prompt = body["messages"][-1]["content"]
+        if prompt in self.fail:
+            return 500, {"error": {"message": "teacher is down", "type": "server_error"}}
+        n = body.get("n", 1)
+        texts = (self.script[prompt] * n)[:n]
+        choices = [{"index": i, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+                   for i, text in enumerate(texts)]
+        return 200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"], "choices": choices,
+                     "usage": {"prompt_tokens": self.usage[0], "completion_tokens": self.usage[1] * n,
+                               "total_tokens": self.usage[0] + self.usage[1] * n}}
+
+
+def write_problems(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

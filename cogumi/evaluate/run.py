@@ -46,7 +46,7 @@ from cogumi.evaluate.metrics import (
     pass_at_k,
     reliability_plot,
 )
-from cogumi.io import AtomicWriter, DataError, write_json
+from cogumi.io import AtomicWriter, DataError, PartialRecords, write_json
 from cogumi.stage import ConfigError, StageConfig, StageResult, option, stage
 
 Backend = Literal["transformers", "llamacpp", "openai", "vllm"]
@@ -400,38 +400,6 @@ def _make_generator(config: EvalConfig):
     return get_generator(config.backend, config.model, **kwargs)
 
 
-class _Partial:
-    """Finished generations of a killed run, reused when the config is the same."""
-
-    def __init__(self, directory: Path, config_hash: str) -> None:
-        self.path = directory / "generations.partial.jsonl"
-        self.stamp = directory / "generations.partial.config"
-        self.done: dict[str, dict] = {}
-        if self.path.exists() and self.stamp.exists() and self.stamp.read_text().strip() == config_hash:
-            with self.path.open(encoding="utf-8") as handle:
-                for line in handle:
-                    try:
-                        entry = json.loads(line)
-                    except json.JSONDecodeError:
-                        break  # the line being written when the run was killed
-                    self.done[entry["key"]] = entry
-        directory.mkdir(parents=True, exist_ok=True)
-        with AtomicWriter(self.path) as handle:  # drop a torn last line
-            for entry in self.done.values():
-                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self.stamp.write_text(config_hash)
-
-    def add(self, entries: list[dict]) -> None:
-        with self.path.open("a", encoding="utf-8") as handle:
-            for entry in entries:
-                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-                self.done[entry["key"]] = entry
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-        self.stamp.unlink(missing_ok=True)
-
-
 @stage("eval", EvalConfig, help="Run benchmarks (GSM8K, HumanEval, MBPP, MMLU, ARC-Challenge, HellaSwag, BBH) "
        "against a model; write predictions.jsonl, summary.json and a reliability plot. Also: `cogumi eval score "
        "BENCHMARK --predictions FILE -o DIR` scores outputs made elsewhere; `cogumi eval compare A B` compares runs.")
@@ -443,7 +411,7 @@ def run(config: EvalConfig) -> StageResult:
     files = config.data_files()
     loaded = {name: get_benchmark(name) for name in dict.fromkeys(get_benchmark(b).name for b in config.benchmarks)}
     examples = {name: bench.load(files.get(name), config.limit) for name, bench in loaded.items()}
-    partial = _Partial(Path(config.output_dir), config.config_sha256())
+    partial = PartialRecords(Path(config.output_dir) / "generations.partial.jsonl", config.config_sha256())
     generator = None
     all_records: list[dict] = []
     summary: dict[str, Any] = {"model": config.model, "backend": config.backend, "config": config.to_dict(),
