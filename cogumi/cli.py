@@ -47,7 +47,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
         help_text = meta.get("help", "")
         if not required:
             help_text += f" (default: {default!r})"
-        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
+        # argparse %-formats help text: a literal "60%" must reach it as "60%%".
+        kwargs: dict[str, Any] = {"help": help_text.replace("%", "%%"), "default": argparse.SUPPRESS}
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is Literal:
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         if STAGES[name].startswith("cogumi.distill."):
             groups.append(distill_sub)
         for group in groups:
-            stage_p = group.add_parser(name, help=spec.help, description=spec.help)
+            stage_p = group.add_parser(name, help=spec.help.replace("%", "%%"), description=spec.help)
             add_config_arguments(stage_p, spec.config_cls)
             stage_p.add_argument("--force", action="store_true", help="Run even if the output is up to date.")
             stage_p.set_defaults(command=name)
