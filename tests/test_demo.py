@@ -23,7 +23,8 @@ def test_demo_recipe_runs_and_resumes(tmp_path, smollm2_dir, smollm2_gguf):
                           "decontaminate", "filter-length", "stats"]
     assert stages[8:12] == ["validate", "materialize", "generate", "generate"]
     assert stages[12:14] == ["train", "merge"]
-    assert stages[14:] == ["eval", "eval"]
+    assert stages[14:16] == ["eval", "eval"]
+    assert stages[16:] == ["self-consistency"]
     assert not any(r.skipped for r in results)
     by_stage = {r.stage: r for r in results[:8]}
     # Each planted problem in demo_train.jsonl is caught by the step made for it.
@@ -44,12 +45,18 @@ def test_demo_recipe_runs_and_resumes(tmp_path, smollm2_dir, smollm2_gguf):
     assert finetune.counts["steps"] == 4 and finetune.metrics["eval_loss"] > 0
     assert merged.metrics["saved_relative_diff"] < 1e-4
     assert merged.metrics["vs_trained_4bit_top1_agreement"] > 0.9
-    for evaluation in results[14:]:
+    for evaluation in results[14:16]:
         assert evaluation.counts["examples"] == 8
         summary = json.loads((Path(evaluation.output_dir) / "summary.json").read_text())
         assert set(summary["benchmarks"]) == {"gsm8k", "humaneval"} and summary["sandbox"]
         records = [json.loads(line) for line in open(evaluation.outputs["predictions"])]
         assert all(r["output"] and r["confidence"] for r in records)
+    distilled = results[16]
+    problems = [json.loads(line) for line in open(distilled.outputs["problems"])]
+    assert distilled.counts["problems"] == len(problems) == 8
+    # The problem without ground truth in a verified category is skipped, never kept.
+    assert next(p for p in problems if p["id"] == "knowledge-2")["reason"] == "no_ground_truth"
+    assert [len(p["samples"]) for p in problems if p["category"] == "reasoning"] == [4]
     assert f"results in {tmp_path / 'demo'}" in lines[-1]
     again = run_recipe("recipes/demo.yaml", workdir=tmp_path / "demo", echo=lines.append)
     assert all(r.skipped for r in again)
