@@ -99,7 +99,11 @@ def _check_instruction(row: dict) -> None:
     instruction = _expect(row, "instruction", str, required=True)
     if not instruction.strip():
         raise FieldError("instruction", "is empty")
-    _expect(row, "response", str, required=True)
+    # Alpaca's "output" is accepted for "response" (one of them, not both).
+    if "output" in row and "response" not in row:
+        _expect(row, "output", str, required=True)
+    else:
+        _expect(row, "response", str, required=True)
     _expect(row, "input", str, required=False)
     _expect(row, "id", (str, int), required=False)
     _check_metadata(row)
@@ -184,6 +188,11 @@ def to_messages(row: dict) -> list[dict[str, str]]:
     return [{"role": "user", "content": row["prompt"]}]
 
 
+def response_of(row: dict) -> str:
+    """The answer of an instruction row: ``response``, or Alpaca's ``output``."""
+    return row.get("response") or row.get("output") or ""
+
+
 def record_parts(row: dict) -> tuple[str, str]:
     """``(prompt, response)`` text of a record, each part's pieces joined by blank lines.
 
@@ -198,7 +207,7 @@ def record_parts(row: dict) -> tuple[str, str]:
         return "\n\n".join(prompt), "\n\n".join(response)
     if "instruction" in row:
         prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        return prompt, row.get("response") or ""
+        return prompt, response_of(row)
     return row.get("prompt") or "", row.get("response") or ""
 
 

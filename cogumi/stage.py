@@ -62,6 +62,7 @@ STAGES: dict[str, str] = {
     "merge": "cogumi.train.merge:run",
     "eval": "cogumi.evaluate.run:run",
     "eval-score": "cogumi.evaluate.run:run_score",
+    "failures": "cogumi.distill.failures:run",
     "self-consistency": "cogumi.distill.self_consistency:run",
     "cascade": "cogumi.distill.cascade:run",
 }

@@ -63,7 +63,7 @@ class DedupConfig(StageConfig):
     ngram: int = option(3, help="Shingle size: characters (mode 'char') or words (mode 'word').")
     mode: Mode = option("char", help="Shingles of characters (the spec's 3-grams) or of whitespace-separated words.")
     fields: list[str] = option(
-        default_factory=lambda: ["instruction", "response"],
+        default_factory=lambda: ["instruction", "response", "output"],
         help="Fields whose text is compared, joined by newlines; a dotted name reaches into objects "
         "(metadata.title); a list contributes its strings or its chat messages' contents. Missing fields "
         "count as empty.",

@@ -44,6 +44,7 @@ from cogumi.io import (
     iter_jsonl,
     record_parts,
     record_text,
+    response_of,
     validate_record,
     write_json,
 )
@@ -467,7 +468,7 @@ def unterminated_fence(text: str) -> int | None:
 def _text_fields(row: dict) -> list[tuple[str, str]]:
     if "messages" in row:
         return [(f"messages[{i}].content", m.get("content") or "") for i, m in enumerate(row["messages"])]
-    return [(name, row[name]) for name in ("instruction", "input", "response") if isinstance(row.get(name), str)]
+    return [(name, row[name]) for name in ("instruction", "input", "response", "output") if isinstance(row.get(name), str)]
 
 
 def format_problems(row: dict, schema: str, template: re.Pattern | None, check_fences: bool) -> list[dict]:
@@ -487,8 +488,9 @@ def format_problems(row: dict, schema: str, template: re.Pattern | None, check_f
             if not message["content"].strip():
                 problems.append({"reason": "empty_response", "field": f"messages[{i}].content",
                                  "detail": "assistant turn is empty"})
-    elif not row["response"].strip():
-        problems.append({"reason": "empty_response", "field": "response", "detail": "is empty"})
+    elif not response_of(row).strip():
+        field = "response" if "response" in row else "output"
+        problems.append({"reason": "empty_response", "field": field, "detail": "is empty"})
     for name, text in _text_fields(row):
         if check_fences and (line := unterminated_fence(text)) is not None:
             problems.append({"reason": "unterminated_code_fence", "field": name,

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cogumi.io import to_messages
+from cogumi.io import response_of, to_messages
 from cogumi.models.fixtures import CHATML_TEMPLATE
 
 IGNORE_INDEX = -100
@@ -53,7 +53,7 @@ def messages_of(row: dict) -> list[dict[str, str]]:
     """
     if "messages" in row:
         return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    return [*to_messages(row), {"role": "assistant", "content": row["response"]}]
+    return [*to_messages(row), {"role": "assistant", "content": response_of(row)}]
 
 
 def split_rows(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
