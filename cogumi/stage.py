@@ -63,6 +63,7 @@ STAGES: dict[str, str] = {
     "eval": "cogumi.evaluate.run:run",
     "eval-score": "cogumi.evaluate.run:run_score",
     "failures": "cogumi.distill.failures:run",
+    "cluster-failures": "cogumi.distill.cluster:run",
     "self-consistency": "cogumi.distill.self_consistency:run",
     "cascade": "cogumi.distill.cascade:run",
 }
