@@ -154,7 +154,7 @@ def run(config: ClusterConfig) -> StageResult:
         nearest = members[np.argsort(distances[members], kind="stable")][: config.central]
         metas = [rows[i].get("metadata") or {} for i in members]
         clusters.append({
-            "cluster": cluster, "size": int(len(members)),
+            "cluster": cluster, "size": len(members),
             "central": [{"index": int(i), "prompt": texts[i][:300], "distance": round(float(distances[i]), 4)}
                         for i in nearest],
             "top_terms": terms.get(cluster, []),

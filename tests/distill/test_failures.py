@@ -8,12 +8,12 @@ import random
 from pathlib import Path
 
 import pytest
+from support import edit, words
 
 from cogumi.distill.failures import TIE_WARNING
 from cogumi.evaluate.judge import VERDICTS_SCHEMA
 from cogumi.io import DataError
 from cogumi.stage import run_stage
-from support import edit, words
 
 EVAL_DATA = Path(__file__).parents[1] / "evaluate" / "data"
 
@@ -63,7 +63,7 @@ def test_predictions_from_a_real_eval_run(tmp_path):
                                                {"id": 2, "output": "no idea"}])
     run_stage("eval-score", {"benchmark": "gsm8k", "predictions": str(predictions), "progress": False,
                              "data": str(EVAL_DATA / "gsm8k.jsonl"), "output_dir": str(tmp_path / "eval")})
-    result, rows, _, report = extract(tmp_path, [tmp_path / "eval/predictions.jsonl"], benchmark="gsm8k")
+    result, rows, _, _ = extract(tmp_path, [tmp_path / "eval/predictions.jsonl"], benchmark="gsm8k")
     assert [(r["metadata"]["source_id"], r["metadata"]["verdict"]) for r in rows] == [("1", "wrong"), ("2", "unparsed")]
     assert rows[0]["output"] == "36" and rows[0]["metadata"]["output_kind"] == "gold_label"
     assert result.counts["not_failures"] == 1
