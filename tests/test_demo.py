@@ -24,7 +24,7 @@ def test_demo_recipe_runs_and_resumes(tmp_path, smollm2_dir, smollm2_gguf):
     assert stages[8:12] == ["validate", "materialize", "generate", "generate"]
     assert stages[12:14] == ["train", "merge"]
     assert stages[14:16] == ["eval", "eval"]
-    assert stages[16:] == ["self-consistency"]
+    assert stages[16:] == ["failures", "cluster-failures", "self-consistency"]
     assert not any(r.skipped for r in results)
     by_stage = {r.stage: r for r in results[:8]}
     # Each planted problem in demo_train.jsonl is caught by the step made for it.
@@ -51,7 +51,11 @@ def test_demo_recipe_runs_and_resumes(tmp_path, smollm2_dir, smollm2_gguf):
         assert set(summary["benchmarks"]) == {"gsm8k", "humaneval"} and summary["sandbox"]
         records = [json.loads(line) for line in open(evaluation.outputs["predictions"])]
         assert all(r["output"] and r["confidence"] for r in records)
-    distilled = results[16]
+    failures, clusters, distilled = results[16:]
+    base_records = [json.loads(line) for line in open(results[14].outputs["predictions"])]
+    wrong = sum(not r["correct"] for r in base_records)
+    assert failures.counts["in"] == 8 and failures.counts["extracted"] + failures.counts["duplicates"] == wrong
+    assert clusters.counts["clusters"] in (2, 3) and clusters.counts["rows"] == failures.counts["extracted"]
     problems = [json.loads(line) for line in open(distilled.outputs["problems"])]
     assert distilled.counts["problems"] == len(problems) == 8
     # The problem without ground truth in a verified category is skipped, never kept.
