@@ -66,6 +66,7 @@ STAGES: dict[str, str] = {
     "cluster-failures": "cogumi.distill.cluster:run",
     "self-consistency": "cogumi.distill.self_consistency:run",
     "cascade": "cogumi.distill.cascade:run",
+    "gate": "cogumi.compress.gate:run",
 }
 
 #: Distributions whose versions every manifest records (those installed).
