@@ -67,6 +67,7 @@ STAGES: dict[str, str] = {
     "self-consistency": "cogumi.distill.self_consistency:run",
     "cascade": "cogumi.distill.cascade:run",
     "gate": "cogumi.compress.gate:run",
+    "prune": "cogumi.compress.prune:run",
 }
 
 #: Distributions whose versions every manifest records (those installed).
