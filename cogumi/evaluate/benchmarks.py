@@ -25,6 +25,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -108,7 +109,7 @@ def _from_hub(hub_id: str, subsets: list[str | None], split: str) -> list[tuple[
     return rows
 
 
-class Benchmark:
+class Benchmark(ABC):
     """How one benchmark is loaded, asked and scored; subclasses fill in the specifics."""
 
     name: str = ""
@@ -144,24 +145,28 @@ class Benchmark:
         hub_id, subsets, split = self.hub
         return _from_hub(hub_id, subsets, split)
 
+    @abstractmethod
     def example(self, index: int, row: dict) -> Example:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def chat_prompt(self, example: Example) -> str:
         """The user message for a chat model."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def raw_prompt(self, example: Example) -> str:
         """The prompt for a base (non-chat) model: plain text the answer continues."""
-        raise NotImplementedError
+        ...
 
     def stop(self, chat: bool) -> list[str]:
         """Stop strings for generation."""
         return [] if chat else ["\n\nQuestion:", "\n\nQ:"]
 
+    @abstractmethod
     def score(self, example: Example, output: str) -> dict:
         """``{"parsed", "correct", "unparsed", ...}`` for one generated output."""
-        raise NotImplementedError
+        ...
 
 
 def _field_of(exc: Exception) -> str | None:
@@ -339,9 +344,20 @@ class CodeBenchmark(Benchmark):
     max_tokens = 512
     primary = "pass@1"
 
+    def score(self, example: Example, output: str) -> dict:
+        """Run one output's program against the tests in the sandbox (the eval stage batches these)."""
+        from cogumi.evaluate.sandbox import run_program
+
+        program = self.program(example, output)
+        if program is None:
+            return {"parsed": "no_code", "correct": False, "unparsed": True}
+        result = run_program(program)
+        return {"parsed": result.status, "correct": result.passed, "unparsed": False}
+
+    @abstractmethod
     def program(self, example: Example, output: str) -> str | None:
         """The full program to run (solution + tests), or None when there is no code."""
-        raise NotImplementedError
+        ...
 
 
 class HumanEval(CodeBenchmark):
