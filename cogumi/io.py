@@ -217,6 +217,36 @@ def record_text(row: dict) -> str:
     return f"{prompt}\n\n{response}" if response else prompt
 
 
+def iter_texts(path: str | os.PathLike) -> Iterator[str]:
+    """The texts of a file of plain text: a ``.txt`` file whole, or each JSONL row's text.
+
+    A row's text is its ``text`` field, else the whole record (instruction/response, chat
+    messages, prompt/response), else a benchmark row's ``question`` and ``answer``. A row with
+    none of these is an error naming its line: it is never skipped silently.
+    """
+    path = Path(path)
+    if path.suffix == ".txt":
+        if not path.exists():
+            raise DataError(path, None, None, "file does not exist")
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise DataError(path, None, None, "file is empty")
+        yield text
+        return
+    report = ReadReport(str(path))
+    for row in iter_jsonl(path, "any", report=report):
+        if isinstance(row.get("text"), str):
+            text = row["text"]
+        elif any(key in row for key in ("messages", "instruction", "prompt")):
+            text = record_text(row)
+        else:
+            text = "\n\n".join(str(row[key]) for key in ("question", "answer") if row.get(key))
+        if not text.strip():
+            raise DataError(path, report.records + report.blank_lines, "text",
+                            "no text (expected 'text', 'messages', 'instruction', 'prompt' or 'question')")
+        yield text
+
+
 # ----------------------------------------------------------------------------- reading
 
 @dataclass

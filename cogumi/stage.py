@@ -68,6 +68,7 @@ STAGES: dict[str, str] = {
     "cascade": "cogumi.distill.cascade:run",
     "gate": "cogumi.compress.gate:run",
     "prune": "cogumi.compress.prune:run",
+    "quantize": "cogumi.compress.quantize:run",
 }
 
 #: Distributions whose versions every manifest records (those installed).

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cogumi.io import DataError, iter_jsonl, record_text, write_json
+from cogumi.io import DataError, iter_texts, write_json
 from cogumi.stage import ConfigError, StageConfig, StageError, StageResult, option, stage
 
 
@@ -64,21 +64,8 @@ class GateConfig(StageConfig):
 
 
 def read_texts(path: str | Path) -> list[str]:
-    """The texts of a held-out file: a .txt file whole, or each JSONL row's text."""
-    path = Path(path)
-    if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
-        if not text.strip():
-            raise DataError(path, None, None, "file is empty")
-        return [text]
-    texts = []
-    for row in iter_jsonl(path, "any"):
-        text = row["text"] if isinstance(row.get("text"), str) else record_text(row)
-        if text.strip():
-            texts.append(text)
-    if not texts:
-        raise DataError(path, None, None, "no text in any row")
-    return texts
+    """The texts of a held-out file (see :func:`cogumi.io.iter_texts`)."""
+    return list(iter_texts(path))
 
 
 def same_tokenizer(a: Any, b: Any) -> bool:

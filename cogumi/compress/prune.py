@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cogumi.io import DataError, iter_jsonl, record_text, write_json
+from cogumi.io import DataError, iter_texts, write_json
 from cogumi.stage import ConfigError, StageConfig, StageError, StageResult, option, stage
 
 TARGETS = r"re:.*layers\.\d+\..*_proj$"
@@ -77,19 +77,13 @@ class PruneConfig(StageConfig):
 
 def calibration_rows(path: str, tokenizer: Any, samples: int, seq_len: int) -> list[list[int]]:
     """``samples`` windows of ``seq_len`` tokens from the file's texts (joined by EOS)."""
-    stream: list[int] = []
-    need = samples * seq_len
-    for row in iter_jsonl(path, "any"):
-        text = row["text"] if isinstance(row.get("text"), str) else record_text(row)
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            stream.append(tokenizer.eos_token_id)
-        if len(stream) >= need:
-            break
-    if len(stream) < need:
-        raise DataError(path, None, None, f"has {len(stream)} tokens; {samples} calibration samples of {seq_len} "
-                        f"tokens need {need} (lower --samples or --seq-len, or give more text)")
-    return [stream[i * seq_len:(i + 1) * seq_len] for i in range(samples)]
+    from cogumi.compress.gate import windows
+
+    rows = windows(tokenizer, iter_texts(path), seq_len, samples * seq_len)
+    if len(rows) < samples:
+        raise DataError(path, None, None, f"has fewer than {(len(rows) + 1) * seq_len} tokens; {samples} "
+                        f"calibration samples of {seq_len} tokens need {samples * seq_len} (lower --samples or --seq-len, or give more text)")
+    return rows
 
 
 def magnitude_prune(model: Any, pattern: str, sparsity: float, two_four: bool) -> None:

@@ -190,9 +190,22 @@ def run(config: MergeConfig) -> StageResult:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
         _match_vocab(model, info)
     model.eval()
+    keep_sparsity = bool(info.get("keep_sparsity"))
+    if keep_sparsity:  # the zeros of a pruned base: the adapter was trained not to touch them
+        from cogumi.compress.prune import verify as verify_pruned
+        from cogumi.train.sparsity import mask_lora_updates, restore_zeros, zero_masks
+
+        zeros = {name: m for name, m in zero_masks(model).items() if bool(m.any())}
+        base_pattern = verify_pruned(model, two_four=True)
+        was_two_four = bool(base_pattern["layers"]) and not base_pattern["violations"]
     model = PeftModel.from_pretrained(model, adapter)
+    if keep_sparsity:
+        mask_lora_updates(model)
     reference = _logits(model, batch)
     merged = model.merge_and_unload()
+    if keep_sparsity:
+        report["sparsity"] = {"layers_with_zeros": len(zeros), "zeros": int(sum(int(m.sum()) for m in zeros.values())),
+                              "update_entries_dropped": restore_zeros(merged, zeros), "base_two_four": was_two_four}
     report["in_memory"] = compare_logits(reference, _logits(merged, batch), mask)
     merged = merged.to(dtype)
     merged.config.dtype = dtype
@@ -220,6 +233,13 @@ def run(config: MergeConfig) -> StageResult:
         report["saved"] = compare_logits(reference, _logits(reloaded, batch), mask)
         if trained_logits is not None:
             report["vs_trained_4bit"] = compare_logits(trained_logits, _logits(reloaded, batch), mask)
+        if keep_sparsity:
+            still_zero = all(not bool(dict(reloaded.named_modules())[name].weight[m].any()) for name, m in zeros.items())
+            report["sparsity"]["zeros_kept"] = still_zero
+            if was_two_four:
+                pattern = verify_pruned(reloaded, two_four=True)
+                report["sparsity"]["two_four_violations"] = pattern["violations"]
+                report["sparsity"]["mean_sparsity"] = pattern["mean_sparsity"]
         del reloaded
         gc.collect()
         worst = max(report["in_memory"]["relative_diff"], report["saved"]["relative_diff"])
@@ -234,6 +254,9 @@ def run(config: MergeConfig) -> StageResult:
             problem = (f"the merged model differs from the trained 4-bit model by "
                        f"{report['vs_trained_4bit']['relative_diff']:.2e} (relative): the dequantized base "
                        "does not reproduce the NF4 weights used in training")
+        if keep_sparsity and not problem and (not report["sparsity"]["zeros_kept"]
+                                              or report["sparsity"].get("two_four_violations")):
+            problem = "the merged model lost zeros of the pruned base (2:4 pattern broken)"
         if problem:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StageError(f"merge: {problem}; nothing was written")

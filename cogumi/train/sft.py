@@ -123,9 +123,15 @@ class TrainConfig(StageConfig):
     tensorboard: bool = option(True, help="Also write TensorBoard logs when tensorboard is installed.",
                                hashed=False)
     progress: bool = option(True, help="Show a progress bar with loss, tokens/s and ETA.", hashed=False)
+    keep_sparsity: bool = option(False, help="Recovery fine-tuning of a pruned model: LoRA updates are masked by "
+                                 "the base weights' zeros in training and merging, so a 2:4 model stays 2:4 "
+                                 "(needs --quantization none and the transformers backend).")
 
     def check(self) -> None:
         name = type(self).__name__
+        if self.keep_sparsity and (self.quantization != "none" or self.backend == "unsloth"):
+            raise ConfigError(f"{name}.keep_sparsity: needs quantization 'none' and the transformers backend (the "
+                              "mask is read from the full-precision base weights' zeros)")
         positive = ("lora_r", "batch_size", "grad_accum", "max_length", "eval_steps", "logging_steps",
                     "save_steps", "save_total_limit", "prefetch_factor")
         for field_name in positive:
@@ -557,6 +563,8 @@ def _train(config: TrainConfig, callbacks) -> StageResult:
     except RuntimeError as exc:
         raise StageError(f"train: {exc}") from None
     backend = resolve_backend(config, device)
+    if config.keep_sparsity and backend != "transformers":
+        raise StageError("train: keep_sparsity needs the transformers backend (set backend: transformers)")
     if backend == "unsloth":  # before transformers and TRL, so that its patches apply
         from cogumi.train.unsloth_backend import import_unsloth
 
@@ -617,6 +625,11 @@ def _train(config: TrainConfig, callbacks) -> StageResult:
     trainer.remove_callback(PrinterCallback)
     if backend == "transformers":
         _keep_adapters_fp32(trainer.model)
+    if config.keep_sparsity:
+        from cogumi.train.sparsity import mask_lora_updates
+
+        log.info("train: keep_sparsity: LoRA updates masked by the base weights' zeros in %d layers",
+                 mask_lora_updates(trainer.model))
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if guard.stop_reason:
         raise StageError(f"train: {guard.stop_reason} Checkpoints so far are in {config.checkpoints_dir()}.")
@@ -628,7 +641,7 @@ def _train(config: TrainConfig, callbacks) -> StageResult:
     info = {
         "base_model": resolved, "model_arg": config.model, "quantization": config.quantization,
         "backend": backend, "tokenizer": setup.to_dict(), "vocab_size": len(tokenizer),
-        "loss_on": config.loss_on, "max_length": config.max_length,
+        "loss_on": config.loss_on, "max_length": config.max_length, "keep_sparsity": config.keep_sparsity,
     }
     _save_adapter(trainer, tokenizer, outputs["adapter"], info)
     metrics = {
