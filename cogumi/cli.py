@@ -137,12 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
 #: ``eval-compare`` subcommands; ``cogumi eval BENCHMARK ...`` is the ``eval`` stage itself.
 _EVAL_ACTIONS = {"score": "eval-score", "compare": "eval-compare"}
 
+#: ``cogumi export gguf|verify|lora ...`` are the ``export-gguf``, ``export-verify`` and
+#: ``export-lora`` stages.
+_EXPORT_ACTIONS = {"gguf": "export-gguf", "verify": "export-verify", "lora": "export-lora"}
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) >= 2 and argv[0] == "eval" and argv[1] in _EVAL_ACTIONS:
         argv = [_EVAL_ACTIONS[argv[1]], *argv[2:]]
+    if len(argv) >= 2 and argv[0] == "export" and argv[1] in _EXPORT_ACTIONS:
+        argv = [_EXPORT_ACTIONS[argv[1]], *argv[2:]]
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"

@@ -69,6 +69,11 @@ STAGES: dict[str, str] = {
     "gate": "cogumi.compress.gate:run",
     "prune": "cogumi.compress.prune:run",
     "quantize": "cogumi.compress.quantize:run",
+    "export-gguf": "cogumi.export.gguf:run_export_gguf",
+    "export-verify": "cogumi.export.gguf:run_export_verify",
+    "export-lora": "cogumi.export.gguf:run_export_lora",
+    "pack": "cogumi.export.pack:run_pack",
+    "unpack": "cogumi.export.pack:run_unpack",
 }
 
 #: Distributions whose versions every manifest records (those installed).

@@ -24,7 +24,8 @@ def test_demo_recipe_runs_and_resumes(tmp_path, smollm2_dir, smollm2_gguf):
     assert stages[8:12] == ["validate", "materialize", "generate", "generate"]
     assert stages[12:14] == ["train", "merge"]
     assert stages[14:16] == ["eval", "eval"]
-    assert stages[16:] == ["failures", "cluster-failures", "self-consistency"]
+    assert stages[16:19] == ["failures", "cluster-failures", "self-consistency"]
+    assert stages[19:] == ["prune", "gate", "quantize", "gate"]
     assert not any(r.skipped for r in results)
     by_stage = {r.stage: r for r in results[:8]}
     # Each planted problem in demo_train.jsonl is caught by the step made for it.
@@ -51,7 +52,7 @@ def test_demo_recipe_runs_and_resumes(tmp_path, smollm2_dir, smollm2_gguf):
         assert set(summary["benchmarks"]) == {"gsm8k", "humaneval"} and summary["sandbox"]
         records = [json.loads(line) for line in open(evaluation.outputs["predictions"])]
         assert all(r["output"] and r["confidence"] for r in records)
-    failures, clusters, distilled = results[16:]
+    failures, clusters, distilled = results[16:19]
     base_records = [json.loads(line) for line in open(results[14].outputs["predictions"])]
     wrong = sum(not r["correct"] for r in base_records)
     assert failures.counts["in"] == 8 and failures.counts["extracted"] + failures.counts["duplicates"] == wrong
@@ -61,6 +62,11 @@ def test_demo_recipe_runs_and_resumes(tmp_path, smollm2_dir, smollm2_gguf):
     # The problem without ground truth in a verified category is skipped, never kept.
     assert next(p for p in problems if p["id"] == "knowledge-2")["reason"] == "no_ground_truth"
     assert [len(p["samples"]) for p in problems if p["category"] == "reasoning"] == [4]
+    pruned, gate_pruned, awq, gate_awq = results[19:]
+    assert pruned.metrics["mean_sparsity"] >= 0.5
+    assert 0 < gate_pruned.metrics["ppl_increase"] <= 2.0 and gate_pruned.metrics["top1_agreement"] > 0.5
+    assert awq.metrics["group_size"] == 64
+    assert gate_awq.metrics["ppl_increase"] <= 0.5 and gate_awq.metrics["top1_agreement"] > 0.7
     assert f"results in {tmp_path / 'demo'}" in lines[-1]
     again = run_recipe("recipes/demo.yaml", workdir=tmp_path / "demo", echo=lines.append)
     assert all(r.skipped for r in again)
