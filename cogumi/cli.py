@@ -118,15 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     distill_p = sub.add_parser("distill", help="Phase 1B.2/1C stages as one group: cogumi distill STAGE ... "
                                "(failures, cluster-failures, self-consistency, cascade)")
     distill_sub = distill_p.add_subparsers(dest="distill_command", metavar="STAGE", required=True)
+    export_p = sub.add_parser("export", help="Phase 2b GGUF stages as one group: cogumi export gguf|verify|lora ... "
+                              "(also export-gguf, export-verify, export-lora)")
+    export_sub = export_p.add_subparsers(dest="export_command", metavar="ACTION", required=True)
     for name in STAGES:
         spec = get_stage(name)
-        groups = [sub]
+        groups = [(sub, name)]
         if STAGES[name].startswith("cogumi.data."):
-            groups.append(data_sub)
+            groups.append((data_sub, name))
         if STAGES[name].startswith("cogumi.distill."):
-            groups.append(distill_sub)
-        for group in groups:
-            stage_p = group.add_parser(name, help=spec.help.replace("%", "%%"), description=spec.help)
+            groups.append((distill_sub, name))
+        if name.startswith("export-"):
+            groups.append((export_sub, name.removeprefix("export-")))
+        for group, sub_name in groups:
+            stage_p = group.add_parser(sub_name, help=spec.help.replace("%", "%%"), description=spec.help)
             add_config_arguments(stage_p, spec.config_cls)
             stage_p.add_argument("--force", action="store_true", help="Run even if the output is up to date.")
             stage_p.set_defaults(command=name)
@@ -137,23 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
 #: ``eval-compare`` subcommands; ``cogumi eval BENCHMARK ...`` is the ``eval`` stage itself.
 _EVAL_ACTIONS = {"score": "eval-score", "compare": "eval-compare"}
 
-#: ``cogumi export gguf|verify|lora ...`` are the ``export-gguf``, ``export-verify`` and
-#: ``export-lora`` stages.
-_EXPORT_ACTIONS = {"gguf": "export-gguf", "verify": "export-verify", "lora": "export-lora"}
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) >= 2 and argv[0] == "eval" and argv[1] in _EVAL_ACTIONS:
         argv = [_EVAL_ACTIONS[argv[1]], *argv[2:]]
-    if len(argv) >= 2 and argv[0] == "export" and argv[1] in _EXPORT_ACTIONS:
-        argv = [_EXPORT_ACTIONS[argv[1]], *argv[2:]]
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "data_command", "distill_command", "verbose", "force")}
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "data_command", "distill_command", "export_command", "verbose", "force")}
     try:
         if args.command == "run":
             from cogumi.recipe import RecipeError, bind, load_recipe, run_recipe

@@ -12,7 +12,7 @@ import pytest
 from cogumi.cli import build_parser, main
 from cogumi.stage import STAGES
 
-SUBCOMMANDS = ["run", "models", "data", *STAGES]
+SUBCOMMANDS = ["run", "models", "data", "distill", "export", *STAGES]
 DATA_STAGES = [name for name, target in STAGES.items() if target.startswith("cogumi.data.")]
 
 
@@ -31,6 +31,14 @@ def test_every_subcommand_help_works(name, capsys):
         main([name, "--help"])
     assert exit_info.value.code == 0
     assert f"usage: cogumi {name}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("action", ["gguf", "verify", "lora"])
+def test_export_group_help_works(action, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", action, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: cogumi export {action}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", DATA_STAGES)

@@ -25,7 +25,8 @@ def test_demo_recipe_runs_and_resumes(tmp_path, smollm2_dir, smollm2_gguf):
     assert stages[12:14] == ["train", "merge"]
     assert stages[14:16] == ["eval", "eval"]
     assert stages[16:19] == ["failures", "cluster-failures", "self-consistency"]
-    assert stages[19:] == ["prune", "gate", "quantize", "gate"]
+    assert stages[19:23] == ["prune", "gate", "quantize", "gate"]
+    assert stages[23:] == ["export-gguf", "export-verify", "pack", "unpack", "generate"]
     assert not any(r.skipped for r in results)
     by_stage = {r.stage: r for r in results[:8]}
     # Each planted problem in demo_train.jsonl is caught by the step made for it.
@@ -62,11 +63,20 @@ def test_demo_recipe_runs_and_resumes(tmp_path, smollm2_dir, smollm2_gguf):
     # The problem without ground truth in a verified category is skipped, never kept.
     assert next(p for p in problems if p["id"] == "knowledge-2")["reason"] == "no_ground_truth"
     assert [len(p["samples"]) for p in problems if p["category"] == "reasoning"] == [4]
-    pruned, gate_pruned, awq, gate_awq = results[19:]
+    pruned, gate_pruned, awq, gate_awq = results[19:23]
     assert pruned.metrics["mean_sparsity"] >= 0.5
     assert 0 < gate_pruned.metrics["ppl_increase"] <= 2.0 and gate_pruned.metrics["top1_agreement"] > 0.5
     assert awq.metrics["group_size"] == 64
     assert gate_awq.metrics["ppl_increase"] <= 0.5 and gate_awq.metrics["top1_agreement"] > 0.7
+    # The demo ends with a verified, packed GGUF of the fine-tuned model that llama.cpp answers with.
+    gguf, verified, packed, unpacked, answers = results[23:]
+    assert gguf.metrics["loads_in_llama_cpp"] and gguf.metrics["tensor_types"].get("Q8_0")
+    assert verified.metrics["passed"] and verified.metrics["top1_agreement"] >= 0.9
+    assert packed.metrics["ratio"] > 1.0 and packed.metrics["codec"] == "cogumi"
+    assert Path(unpacked.outputs["file"]).read_bytes() == Path(gguf.outputs["gguf"]).read_bytes()
+    records = [json.loads(line) for line in open(answers.outputs["completions"])]
+    assert len(records) == 6
+    assert "Paris" in next(r for r in records if r["id"] == "capital")["completions"][0]["text"]
     assert f"results in {tmp_path / 'demo'}" in lines[-1]
     again = run_recipe("recipes/demo.yaml", workdir=tmp_path / "demo", echo=lines.append)
     assert all(r.skipped for r in again)

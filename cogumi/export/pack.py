@@ -454,21 +454,19 @@ def _value_planes(kind: str, records) -> list:
 
 
 def _put_value_planes(kind: str, planes: list, records) -> None:
-    """Inverse of :func:`_value_planes`: write the values' bits into the blocks."""
+    """Inverse of :func:`_value_planes`: write the values' bits into the blocks. Bits above a
+    value's width are ignored, and the planes are used as scratch space (overwritten)."""
     import numpy as np
 
     nibble, bit, four = np.uint64(_NIBBLE), np.uint64(_BIT), np.uint64(4)
     words = [_u64(p) for p in planes]
     if kind == "Q6_K":
-        _put(records, "ql", _bytes_of((words[0] & nibble) | (words[1] & nibble) << four))
         qh = np.zeros(len(records) * 8, dtype=np.uint64)
         for shift, plane in ((0, words[0]), (4, words[1])):
             for a, high in enumerate(_deinterleave(_bytes_of(plane >> four & np.uint64(3 * _BIT)), 2, 32)):
                 qh |= _u64(high) << np.uint64(shift + 2 * a)
         _put(records, "qh", _bytes_of(qh))
-        return
-    _put(records, "qs", _bytes_of((words[0] & nibble) | (words[1] & nibble) << four))
-    if kind in ("Q5_0", "Q5_1"):
+    elif kind in ("Q5_0", "Q5_1"):
         halves = np.empty(len(records) * 2, dtype=np.uint16)
         for i in (0, 1):
             halves[i::2] = np.packbits(_bytes_of(words[i] >> four & bit), bitorder="little").view(np.uint16)
@@ -479,6 +477,34 @@ def _put_value_planes(kind: str, planes: list, records) -> None:
             for g, high in enumerate(_deinterleave(_bytes_of(words[i] >> four & bit), 4, 32)):
                 qh |= _u64(high) << np.uint64(2 * g + i)
         _put(records, "qh", _bytes_of(qh))
+    # The high bits are out: the low nibbles are joined in place, with no temporaries.
+    low, high = words
+    np.bitwise_and(low, nibble, out=low)
+    np.bitwise_and(high, nibble, out=high)
+    np.left_shift(high, four, out=high)
+    np.bitwise_or(low, high, out=low)
+    _put(records, "ql" if kind == "Q6_K" else "qs", _bytes_of(low))
+
+
+def _add_zero_points(kind: str, planes: list, records) -> None:
+    """Add each value's zero point back, in place, eight values at a time. A stored value and
+    its zero point are both below 2^bits <= 64, so their sum never carries into the next byte;
+    it is the original code plus 0 or 2^bits, and the bits above ``bits`` are ignored later."""
+    import numpy as np
+
+    zero = _zero_points(kind, records).astype(np.uint64) * np.uint64(_BIT)
+    n = len(records)
+    for i, plane in enumerate(planes):
+        words = _u64(plane)
+        if kind in ("Q5_0", "Q6_K"):  # one zero point for all
+            if n:
+                np.add(words, zero[0, 0], out=words)
+        elif zero.shape[1] == 8:  # Q4_K, Q5_K: plane i holds sub-blocks i, i + 2, ... (4 words each)
+            grouped = words.reshape(n, 4, 4)
+            np.add(grouped, zero[:, i::2, None], out=grouped)
+        else:  # Q4_1, Q5_1: 16 values (2 words) of each block per plane
+            grouped = words.reshape(n, 2)
+            np.add(grouped, zero, out=grouped)
 
 
 def _plane_zero_points(kind: str, records) -> list:
@@ -623,11 +649,8 @@ def join_piece(kind: str, transform: str, length: int, nonzero: int, streams: li
                 _put(records, name, streams[position])
                 position += 1
         if transform == "values":  # the scales are in place: the zero points can be recomputed
-            mask = (1 << VALUE_CODECS[kind][1]) - 1
-            planes = []
-            for plane, zero in zip(streams[position:], _plane_zero_points(kind, records)):
-                plane = np.add(plane, zero, casting="unsafe", dtype=np.uint8)
-                planes.append(np.bitwise_and(plane, mask, out=plane))
+            planes = list(streams[position:])  # decompressed scratch: changed in place
+            _add_zero_points(kind, planes, records)
             _put_value_planes(kind, planes, records)
     else:
         raise ValueError(f"unknown transform '{transform}'")
@@ -884,10 +907,19 @@ def _read_header(handle, src: Path) -> dict:
 
 # ----------------------------------------------------------------------------- pack / unpack
 
+def format_by_name(path: str | os.PathLike) -> str:
+    """``"gguf"``, ``"safetensors"`` or ``"raw"``, from the file name alone (for a file that a
+    recipe's earlier step has not written yet)."""
+    suffix = Path(path).suffix.lower()
+    return {".gguf": "gguf", ".safetensors": "safetensors"}.get(suffix, "raw")
+
+
 def resolve_codec(path: str | os.PathLike, codec: str) -> str:
-    """``"cogumi"`` or ``"zstd"``: what ``codec`` means for this file (``auto``: by its format)."""
+    """``"cogumi"`` or ``"zstd"``: what ``codec`` means for this file (``auto``: by its format,
+    read from its first bytes, or from its name while it does not exist yet)."""
     if codec == "auto":
-        return "cogumi" if detect_format(path) in ("gguf", "safetensors") else "zstd"
+        found = detect_format(path) if os.path.exists(path) else format_by_name(path)
+        return "cogumi" if found in ("gguf", "safetensors") else "zstd"
     if codec not in ("cogumi", "zstd"):
         raise ValueError(f"codec must be auto, cogumi or zstd, got {codec!r}")
     return codec
@@ -1231,6 +1263,13 @@ class PackConfig(StageConfig):
 @stage("pack", PackConfig, help="Pack a file losslessly with zstd and a SHA-256 check; GGUF and safetensors "
        "tensors are split into byte planes and fields first, which beats plain zstd.")
 def run_pack(config: PackConfig) -> StageResult:
+    if config.codec == "auto" and os.path.exists(config.file):
+        # A recipe names the container before the file exists, from the file's name: a name that
+        # disagrees with the content would send the next step to a file that is never written.
+        by_name, by_content = format_by_name(config.file), detect_format(config.file)
+        if by_name != by_content:
+            raise PackError(f"{config.file}: the name says {by_name} but the content is {by_content}; rename the "
+                            "file or pass --codec cogumi|zstd")
     outputs = config.outputs()
     try:
         report = pack_file(config.file, outputs["packed"], level=config.level, threads=config.threads,
@@ -1268,6 +1307,6 @@ def run_unpack(config: UnpackConfig) -> StageResult:
 
 __all__ = [
     "FLOAT_WIDTHS", "QUANT_LAYOUTS", "VALUE_CODECS", "PackConfig", "PackError", "Piece", "UnpackConfig",
-    "container_suffix", "detect_format", "pack_file", "parse_gguf", "parse_safetensors", "plan_chunks",
+    "container_suffix", "detect_format", "format_by_name", "pack_file", "parse_gguf", "parse_safetensors", "plan_chunks",
     "quant_values", "read_header", "run_pack", "run_unpack", "unpack_file", "unpacked_name",
 ]

@@ -412,3 +412,22 @@ def test_stage_outputs_and_codec_option(random_file, tmp_path):
                                     "progress": False})
     assert Path(unpacked.outputs["file"]).read_bytes() == random_file.read_bytes()
     assert sorted(os.listdir(tmp_path / "u")) == ["manifest.json", "notes.bin"]
+
+
+def test_container_name_is_known_before_the_file_exists(gguf_file, random_file, tmp_path):
+    # A recipe binds the pack step's output name while the GGUF is still to be written.
+    from cogumi.export.pack import PackConfig
+
+    future = PackConfig(file=str(tmp_path / "later" / "model-Q8_0.gguf"), output_dir=str(tmp_path / "p"))
+    assert future.outputs()["packed"].name == "model-Q8_0.gguf.czst"
+    assert PackConfig(file=str(tmp_path / "notes.txt"), output_dir=str(tmp_path / "p")).outputs()["packed"].name \
+        == "notes.txt.zst"
+    # Once the file exists a name that lies about its content is refused, naming the file.
+    liar = tmp_path / "fake.gguf"
+    shutil.copy(random_file, liar)
+    with pytest.raises(PackError, match=r"fake\.gguf: the name says gguf but the content is raw"):
+        run_stage("pack", {"file": str(liar), "output_dir": str(tmp_path / "q"), "progress": False})
+    assert not (tmp_path / "q" / "fake.gguf.czst").exists()
+    forced = run_stage("pack", {"file": str(liar), "output_dir": str(tmp_path / "r"), "codec": "zstd",
+                                "progress": False})
+    assert Path(forced.outputs["packed"]).name == "fake.gguf.zst"
