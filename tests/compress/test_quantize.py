@@ -10,7 +10,12 @@ import json
 import pytest
 import torch
 
-from cogumi.compress.quantize import QuantizeConfig, fitting_group_size, no_pinning_without_accelerator, run
+from cogumi.compress.quantize import (
+    QuantizeConfig,
+    fitting_group_size,
+    no_pinning_without_accelerator,
+    run,
+)
 from cogumi.stage import ConfigError, StageError
 
 CALIBRATION = "recipes/data/gsm8k_style.jsonl"

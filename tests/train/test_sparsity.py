@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cogumi.compress.prune import PruneConfig
+from cogumi.compress.prune import PruneConfig, verify
 from cogumi.compress.prune import run as prune
-from cogumi.compress.prune import verify
 from cogumi.stage import ConfigError
 from cogumi.train.merge import MergeConfig
 from cogumi.train.merge import run as merge
