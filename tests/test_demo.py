@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the whole method end to end: about 15 minutes alone on 2 cores
 def test_demo_recipe_runs_and_resumes(tmp_path, smollm2_dir, smollm2_gguf):
     os.chdir(ROOT)  # recipe paths are relative to the repository root, as with `make demo`
     lines = []
